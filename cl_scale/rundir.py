@@ -1,0 +1,130 @@
+"""The run directory: resolved recipe, manifest, one folder per finished stage.
+
+    <run>/recipe.yaml                 the resolved recipe, written once
+    <run>/manifest.json               format tag, order, world size, global batch, seed, versions, stages
+    <run>/stages/<k>-<task>/          snapshot.safetensors (branches + gates), method.safetensors (bases),
+                                      train_log.jsonl, predictions/<task>.jsonl, scores.json
+
+A stage is assembled in `stages/.partial-<k>-<task>/` and renamed into place, then recorded in the
+manifest; every file is written atomically. So a crash leaves either a finished stage or nothing
+that resume would trust, and resume restarts at the first stage the manifest does not list.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cl_scale import atomic
+from cl_scale.errors import CLScaleError
+
+FORMAT = "cl-scale-run/1"
+
+
+def stage_name(index: int, task: str) -> str:
+    """Folder name of stage `index` (0-based) for `task`, e.g. `01-task002_quoref`."""
+    return f"{index + 1:02d}-{task}"
+
+
+@dataclass
+class RunDir:
+    """A run directory whose manifest has been read (or created)."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.manifest["tasks"])
+
+    def finished_stages(self) -> list[int]:
+        """0-based indices of stages whose snapshot is complete."""
+        return [entry["index"] for entry in self.manifest["stages"]]
+
+    def stage_dir(self, index: int) -> Path:
+        return self.path / "stages" / stage_name(index, self.tasks[index])
+
+    def recipe_dict(self) -> dict[str, Any]:
+        """The resolved recipe stored in the run."""
+        import yaml
+
+        return yaml.safe_load((self.path / "recipe.yaml").read_text())
+
+    def commit_stage(self, index: int, write: Any, record: dict[str, Any]) -> Path:
+        """Build stage `index` with `write(partial_dir)`, move it into place, record it in the manifest."""
+        final = self.stage_dir(index)
+        partial = final.parent / f".partial-{final.name}"
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        write(partial)
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        self.manifest["stages"] = [s for s in self.manifest["stages"] if s["index"] != index]
+        self.manifest["stages"].append({"index": index, "task": self.tasks[index], **record})
+        self.manifest["stages"].sort(key=lambda s: s["index"])
+        self.save_manifest()
+        return final
+
+    def save_manifest(self) -> None:
+        atomic.write_json(self.path / "manifest.json", self.manifest)
+
+    def discard_unfinished(self) -> None:
+        """Remove partial stage folders and stage folders the manifest does not list."""
+        stages = self.path / "stages"
+        if not stages.is_dir():
+            return
+        finished = {stage_name(i, self.tasks[i]) for i in self.finished_stages()}
+        for entry in stages.iterdir():
+            if entry.is_dir() and entry.name not in finished:
+                shutil.rmtree(entry)
+
+
+def open_run(path: Path) -> RunDir:
+    """Open an existing run directory, or explain why it is not one."""
+    manifest_path = path / "manifest.json"
+    if not path.is_dir():
+        raise CLScaleError(f"run directory {path} does not exist", "check the path (runs are under output.dir)")
+    if not manifest_path.is_file():
+        raise CLScaleError(
+            f"{path} is not a cl-scale run directory (no manifest.json)",
+            "point to a folder made by `cl-scale train`",
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CLScaleError(
+            f"{manifest_path} is corrupted (line {err.lineno}, column {err.colno}: {err.msg})",
+            "restore it from a backup or start a new run",
+        ) from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CLScaleError(
+            f"{path} is not a cl-scale run directory (manifest format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r})",
+            "point to a folder made by `cl-scale train`",
+        )
+    if not (path / "recipe.yaml").is_file():
+        raise CLScaleError(f"{path} has a manifest but no recipe.yaml", "the run directory is damaged; start a new run")
+    return RunDir(path, manifest)
+
+
+def create_run(path: Path, recipe_yaml: str, manifest: dict[str, Any]) -> RunDir:
+    """Create a fresh run directory; refuses to touch a non-empty folder."""
+    if path.exists() and any(path.iterdir()):
+        if (path / "manifest.json").is_file():
+            raise CLScaleError(
+                f"run directory {path} already exists",
+                "add --resume to continue it, or choose another output.name / --run-dir",
+            )
+        raise CLScaleError(
+            f"{path} exists, is not empty and is not a cl-scale run directory",
+            "choose another output.name / --run-dir",
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(path / "recipe.yaml", recipe_yaml)
+    run = RunDir(path, {"format": FORMAT, **manifest, "stages": []})
+    run.save_manifest()
+    return run
