@@ -102,9 +102,99 @@ class ZeroAccess:
         from deepspeed.utils import safe_set_full_fp32_param
 
         for param, value in zip(params, values, strict=True):
-            if param.requires_grad and hasattr(param, "_z3_optimizer"):
+            if param.requires_grad:
                 safe_set_full_fp32_param(param, value.to(torch.float32))
+            if not hasattr(param, "ds_id"):  # ZeRO-1/2: every rank holds the whole working copy
+                LocalAccess().write([param], [value])
+                continue
             with zero.GatheredParameters([param], modifier_rank=0):
                 if rank() == 0:
                     with torch.no_grad():
                         param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launcher_environment(environ: dict[str, str]) -> dict[str, str]:
+    """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* for this process, whichever launcher started it.
+
+    The deepspeed launcher and torchrun set them; under `srun` they come from SLURM_*; a plain
+    `cl-scale train` is a world of one on a free local port.
+    """
+    env: dict[str, str] = {}
+    if "RANK" not in environ and "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        env.update(
+            RANK=environ["SLURM_PROCID"],
+            WORLD_SIZE=environ["SLURM_NTASKS"],
+            LOCAL_RANK=environ.get("SLURM_LOCALID", "0"),
+        )
+    elif "RANK" not in environ:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if "MASTER_ADDR" not in environ:
+        env["MASTER_ADDR"] = "127.0.0.1"
+    if "MASTER_PORT" not in environ:
+        env["MASTER_PORT"] = str(_free_port()) if env.get("WORLD_SIZE") == "1" else "29500"
+    return env
+
+
+def init_distributed(timeout_s: float) -> None:
+    """Start the process group with DeepSpeed's backend (NCCL on GPUs, gloo on CPU) and a timeout.
+
+    The timeout bounds every collective, so a dead rank ends the job with an error instead of a hang.
+    """
+    import datetime
+    import os
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if is_distributed():
+        return
+    os.environ.update(launcher_environment(dict(os.environ)))
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(),
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group so every rank exits 0 (gloo otherwise aborts at exit)."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def run_on_main(fn, *args, **kwargs):
+    """Run `fn` on rank 0 only and hand its result, or its CLScaleError, to every rank."""
+    from cl_scale.errors import CLScaleError
+
+    outcome: tuple[str, object]
+    if is_main():
+        try:
+            outcome = ("ok", fn(*args, **kwargs))
+        except CLScaleError as err:
+            outcome = ("error", (err.problem, err.fix))
+    else:
+        outcome = ("ok", None)
+    outcome = broadcast_object(outcome)  # type: ignore[assignment]
+    status, value = outcome
+    if status == "error":
+        problem, fix = value  # type: ignore[misc]
+        raise CLScaleError(problem, fix)
+    return value
+
+
+def main_first(fn, *args, **kwargs):
+    """Run `fn` on rank 0, then on the others: rank 0 fills shared caches the others then read."""
+    if is_main():
+        result = fn(*args, **kwargs)
+        barrier()
+        return result
+    barrier()
+    return fn(*args, **kwargs)

@@ -1,0 +1,66 @@
+"""From a recipe and a task name to tokenised rows and the collator that batches them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from cl_scale.data.collators import (
+    CausalCollator,
+    Seq2SeqCollator,
+    tokenize_causal,
+    tokenize_causal_prompts,
+    tokenize_seq2seq,
+)
+from cl_scale.data.tasks import load_task
+
+
+@dataclass
+class TaskRows:
+    """Examples of one task split, tokenised, with the collator for them."""
+
+    examples: Dataset
+    """The untokenised examples (id, prompt, references, ...), same order as `rows`."""
+    rows: Dataset
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Collate the rows at `indices` into model inputs."""
+        features = self.rows.select(indices)
+        return self.collate([{k: v for k, v in row.items() if k != "id"} for row in features])
+
+
+def prepare_task(
+    recipe: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    kind: str,
+    task: str,
+    split: str,
+    *,
+    prompts_only: bool,
+    cache_dir: Path | None,
+) -> TaskRows:
+    """Load `task`'s `split` and tokenise it: with answers for training, prompts only for generation."""
+    data = recipe.data
+    examples = load_task(data, task, split, seed=recipe.train.seed)
+    if kind == "seq2seq":
+        rows = tokenize_seq2seq(
+            examples, tokenizer, max_source_length=data.max_source_length,
+            max_target_length=data.max_target_length, cache_dir=cache_dir,
+        )
+        if prompts_only:
+            rows = rows.remove_columns("labels")
+        return TaskRows(examples, rows, Seq2SeqCollator(tokenizer.pad_token_id))
+    if prompts_only:
+        rows = tokenize_causal_prompts(examples, tokenizer, max_source_length=data.max_source_length, cache_dir=cache_dir)
+    else:
+        rows = tokenize_causal(
+            examples, tokenizer, max_source_length=data.max_source_length,
+            max_target_length=data.max_target_length, cache_dir=cache_dir,
+        )
+    return TaskRows(examples, rows, CausalCollator(tokenizer.pad_token_id))

@@ -1,0 +1,91 @@
+"""Evaluate a (possibly ZeRO-3 partitioned) continual model on task test sets.
+
+The test set is sharded across ranks with the same number of batches on each; every rank generates
+in step (synced generation, since ZeRO-3 forwards are collective) and the predictions come back to
+every rank in the original example order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cl_scale import distributed as dist_utils
+
+
+@dataclass
+class TaskResult:
+    """Score and per-example predictions of one task."""
+
+    task: str
+    metric: str
+    score: float
+    rows: list[dict[str, Any]]
+
+
+def metric_for(recipe: Any, task: str) -> str:
+    """The recipe's metric for `task`: explicit per task, one for all, or the benchmark default."""
+    from cl_scale.data.benchmark import default_metric
+    from cl_scale.data.tasks import task_info
+
+    choice = recipe.eval.metric
+    if isinstance(choice, dict):
+        choice = choice.get(task, "auto")
+    return default_metric(task_info(recipe.data, task)) if choice == "auto" else choice
+
+
+def generate_texts(model: Any, task_rows: Any, tokenizer: Any, *, batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers for every row of `task_rows`, in order, on every rank."""
+    from cl_scale.sharding import even_shards
+
+    world = dist_utils.world_size()
+    shards = even_shards(len(task_rows.rows), batch_size=batch_size, world_size=world, rank=dist_utils.rank())
+    was_training = model.training
+    model.eval()
+    mine: list[tuple[int, str]] = []
+    with torch.no_grad():
+        for indices in shards:
+            batch = task_rows.batch(indices)
+            new_tokens = model.generate(
+                batch["input_ids"], batch["attention_mask"], batch["prompt_mask"],
+                max_new_tokens=max_new_tokens, synced_gpus=world > 1,
+            )
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            mine.extend(zip(indices, (t.strip() for t in texts)))
+    model.train(was_training)
+    gathered: list[list[tuple[int, str]]] = [mine]
+    if world > 1:
+        gathered = [None] * world  # type: ignore[list-item]
+        torch.distributed.all_gather_object(gathered, mine)
+    ordered = dict(pair for part in gathered for pair in part)
+    return [ordered[i] for i in range(len(task_rows.rows))]
+
+
+def evaluate_task(
+    model: Any, recipe: Any, tokenizer: Any, kind: str, task: str, *, cache_dir: Path | None,
+    max_examples: int | None = None,
+) -> TaskResult:
+    """Generate on `task`'s test split and score it (task mean of per-example scores)."""
+    from cl_scale.data.pipeline import prepare_task
+    from cl_scale.evaluation.scoring import score_predictions
+
+    rows = prepare_task(recipe, tokenizer, kind, task, "test", prompts_only=True, cache_dir=cache_dir)
+    if max_examples is not None and max_examples < len(rows.rows):
+        keep = list(range(max_examples))
+        rows = type(rows)(rows.examples.select(keep), rows.rows.select(keep), rows.collate)
+    predictions = generate_texts(
+        model, rows, tokenizer, batch_size=recipe.eval.batch_size, max_new_tokens=recipe.eval.max_new_tokens
+    )
+    metric = metric_for(recipe, task)
+    references = rows.examples["references"]
+    score, per_example = score_predictions(predictions, references, metric)
+    records = [
+        {"id": ex_id, "prompt": prompt, "prediction": pred, "references": refs, "score": s}
+        for ex_id, prompt, pred, refs, s in zip(
+            rows.examples["id"], rows.examples["prompt"], predictions, references, per_example
+        )
+    ]
+    return TaskResult(task, metric, score, records)

@@ -1,0 +1,122 @@
+"""Built-in tiny models (`builtin:tiny-llama`, `builtin:tiny-t5`) for the CPU demo and quick runs.
+
+A built-in model is an ordinary `save_pretrained` folder made once and cached, so the real loading path
+runs on it: a sentencepiece tokenizer trained on the synthetic suite's texts, a small model from config,
+and a short full fine-tuning on a DISJOINT synthetic mixture (other operations on the same kind of
+inputs) so that LoRA on the frozen base has something to build on. Ranks that start together wait on a
+file lock while one of them builds it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cl_scale.errors import CLScaleError
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    """How a built-in model is made; bump `version` whenever any of it changes."""
+
+    kind: str
+    version: int
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    pretrain_steps: int
+    pretrain_batch: int
+    pretrain_lr: float
+
+
+BUILTINS: dict[str, BuiltinSpec] = {
+    "tiny-llama": BuiltinSpec("causal", 1, 400, 128, 4, 4, 600, 32, 2e-3),
+    "tiny-t5": BuiltinSpec("seq2seq", 1, 400, 128, 3, 4, 600, 32, 2e-3),
+}
+
+
+def cache_root() -> Path:
+    """Where built-in models live: $CL_SCALE_CACHE, else ~/.cache/cl-scale."""
+    return Path(os.environ.get("CL_SCALE_CACHE", Path.home() / ".cache" / "cl-scale"))
+
+
+def builtin_model_dir(name: str, progress: Callable[[str], None] = print) -> Path:
+    """The folder of built-in model `name`, building it on first use (once, under a file lock)."""
+    if name not in BUILTINS:
+        raise CLScaleError(
+            f"unknown built-in model `builtin:{name}`",
+            f"use one of {', '.join('builtin:' + n for n in BUILTINS)}",
+        )
+    spec = BUILTINS[name]
+    target = cache_root() / "builtin" / f"{name}-v{spec.version}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            progress(f"building builtin:{name} once (tokenizer, model, short pre-training) into {target}")
+            partial = target.parent / f".{target.name}.partial-{os.getpid()}"
+            shutil.rmtree(partial, ignore_errors=True)
+            _build(spec, partial)
+            partial.rename(target)
+    return target
+
+
+def _build(spec: BuiltinSpec, out: Path) -> None:
+    from cl_scale.data.synthetic import SYNTHETIC_TASKS, load_synthetic, pretraining_examples
+    from cl_scale.data.tokenizer import train_sentencepiece_tokenizer
+    from cl_scale.data.prompts import build_prompt
+    from cl_scale.modeling.tiny import build_tiny_model, tiny_llama_config, tiny_t5_config
+
+    texts = []
+    for task in SYNTHETIC_TASKS:
+        ds = load_synthetic(task, "train", seed=0)
+        texts += [build_prompt(d, x, "long") + t for d, x, t in zip(ds["definition"], ds["input"], ds["target"])]
+    mixture = pretraining_examples(spec.pretrain_steps * spec.pretrain_batch // 4, seed=1)
+    texts += [build_prompt(d, x, "long") + t for d, x, t in zip(mixture["definition"], mixture["input"], mixture["target"])]
+    tokenizer = train_sentencepiece_tokenizer(texts, out, vocab_size=spec.vocab_size, kind=spec.kind)
+    vocab = len(tokenizer)
+    if spec.kind == "causal":
+        config = tiny_llama_config(vocab, hidden=spec.hidden, layers=spec.layers, heads=spec.heads,
+                                   kv_heads=spec.heads, intermediate=2 * spec.hidden)
+    else:
+        config = tiny_t5_config(vocab, d_model=spec.hidden, layers=spec.layers, heads=spec.heads, d_ff=2 * spec.hidden)
+    model = build_tiny_model(config, seed=0)
+    _pretrain(model, tokenizer, mixture, spec)
+    model.save_pretrained(out)
+
+
+def _pretrain(model, tokenizer, mixture, spec: BuiltinSpec) -> None:
+    """Full fine-tuning on the disjoint mixture, single process, seeded."""
+    from cl_scale.data.collators import CausalCollator, Seq2SeqCollator, tokenize_causal, tokenize_seq2seq
+    from cl_scale.data.prompts import build_prompt
+
+    mixture = mixture.add_column(
+        "prompt", [build_prompt(d, x, "long") for d, x in zip(mixture["definition"], mixture["input"])]
+    )
+    if spec.kind == "causal":
+        rows = tokenize_causal(mixture, tokenizer, max_source_length=128, max_target_length=32)
+        collate = CausalCollator(tokenizer.pad_token_id)
+    else:
+        rows = tokenize_seq2seq(mixture, tokenizer, max_source_length=128, max_target_length=32)
+        collate = Seq2SeqCollator(tokenizer.pad_token_id)
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr, weight_decay=0.0)
+    model.train()
+    for step in range(spec.pretrain_steps):
+        index = torch.randint(len(rows), (spec.pretrain_batch,), generator=generator).tolist()
+        batch = collate([rows[i] for i in index])
+        batch.pop("prompt_mask")
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()

@@ -1,0 +1,108 @@
+"""Load the tokenizer and the frozen base model a recipe names, partitioned by ZeRO-3 from the first byte.
+
+The transformers DeepSpeed integration object must exist BEFORE `from_pretrained` for the weights to be
+loaded straight into partitions; `load_base_model` takes the DeepSpeed config and keeps that object alive
+for as long as the caller holds the returned handle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedTokenizerBase
+
+from cl_scale.errors import CLScaleError
+
+BUILTIN_PREFIX = "builtin:"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def model_dir(model_cfg: Any) -> str:
+    """The local directory or hub id to load from (building a built-in model on first use)."""
+    path: str = model_cfg.path
+    if path.startswith(BUILTIN_PREFIX):
+        from cl_scale.modeling.builtin import builtin_model_dir
+
+        return str(builtin_model_dir(path[len(BUILTIN_PREFIX) :]))
+    return path
+
+
+def _missing_model(path: str, err: Exception) -> CLScaleError:
+    return CLScaleError(
+        f"cannot load model `{path}`: {err}",
+        "download it once with `huggingface-cli download " + path + " --local-dir <dir>` (gated Llama-2 needs an "
+        "accepted licence and `huggingface-cli login`) and set model.path to that directory, or use a built-in "
+        "model (builtin:tiny-llama, builtin:tiny-t5)",
+    )
+
+
+def load_config(model_cfg: Any) -> Any:
+    """The model's transformers config, or a clear error saying how to get the model."""
+    path = model_dir(model_cfg)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise _missing_model(path, err) from err
+
+
+def resolve_kind(model_cfg: Any, config: Any) -> Literal["causal", "seq2seq"]:
+    """`model.kind`, with "auto" decided by whether the architecture is encoder-decoder."""
+    if model_cfg.kind != "auto":
+        return model_cfg.kind
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+
+
+def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer, with the recipe's pad id applied (Llama-2 has no pad token)."""
+    path = model_dir(model_cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise _missing_model(path, err) from err
+    if model_cfg.pad_token_id is not None:
+        tokenizer.pad_token_id = model_cfg.pad_token_id
+    if tokenizer.pad_token_id is None:
+        raise CLScaleError(
+            f"the tokenizer of `{model_cfg.path}` has no pad token",
+            "set model.pad_token_id in the recipe (the published Llama-2 runs used 1)",
+        )
+    return tokenizer
+
+
+@dataclass
+class LoadedModel:
+    """The base model plus the object that keeps transformers' ZeRO-3 integration switched on."""
+
+    model: PreTrainedModel
+    kind: Literal["causal", "seq2seq"]
+    zero3_handle: Any = None
+
+
+def load_base_model(model_cfg: Any, ds_config: dict[str, Any] | None) -> LoadedModel:
+    """Load the frozen base; with a ZeRO-3 `ds_config` every rank only ever holds its partition."""
+    path = model_dir(model_cfg)
+    config = load_config(model_cfg)
+    kind = resolve_kind(model_cfg, config)
+    handle = None
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+        handle = HfDeepSpeedConfig(ds_config)
+    factory = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    try:
+        model = factory.from_pretrained(
+            path,
+            dtype=DTYPES[model_cfg.dtype],
+            attn_implementation=model_cfg.attn_implementation,
+        )
+    except (OSError, ValueError) as err:
+        raise _missing_model(path, err) from err
+    if model_cfg.pad_token_id is not None:
+        model.config.pad_token_id = model_cfg.pad_token_id
+        model.generation_config.pad_token_id = model_cfg.pad_token_id
+    model.requires_grad_(False)
+    return LoadedModel(model, kind, handle)

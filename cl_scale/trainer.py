@@ -1,0 +1,419 @@
+"""`cl-scale train`: every task of the order on a DeepSpeed engine, one stage after another.
+
+Per stage: grow the method's branch/gate, build a fresh engine over exactly the trainable parameters,
+let the method run its data passes, train the epochs, let it extend its bases, snapshot, evaluate the
+tasks seen so far, record the stage, tear the engine down. Every rank runs the same code; only rank 0
+prints and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cl_scale import distributed as dist_utils
+from cl_scale.distributed import ZeroAccess
+from cl_scale.errors import CLScaleError
+
+
+@dataclass
+class StageRunner:
+    """The TaskRunner a method sees during one stage (see cl_scale.methods.base)."""
+
+    task_index: int
+    num_tasks: int
+    access: Any
+    module: Any
+    train_rows: Any
+    batch_size: int
+
+    def data_pass(self) -> None:
+        """No-grad forward over this rank's shard of the training data, same batch count on every rank."""
+        from cl_scale.sharding import even_shards
+
+        was_training = self.module.training
+        self.module.eval()
+        shards = even_shards(
+            len(self.train_rows.rows), batch_size=self.batch_size,
+            world_size=dist_utils.world_size(), rank=dist_utils.rank(),
+        )
+        with torch.no_grad():
+            for indices in shards:
+                self.module(**self.train_rows.batch(indices))
+        self.module.train(was_training)
+
+
+@dataclass
+class Session:
+    """Everything that lives for the whole run (all stages)."""
+
+    recipe: Any
+    run: Any
+    tasks: list[str]
+    tokenizer: Any
+    kind: str
+    model: Any
+    method: Any
+    ds_config: dict[str, Any]
+    zero3_handle: Any
+    cache_dir: Path
+    console: Any
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_training(recipe: Any, *, resume: bool, run_dir: str | Path | None, allow_changed_recipe: bool) -> Path:
+    """Train the whole task sequence of `recipe`; returns the run directory."""
+    import datasets
+
+    from cl_scale.data.orders import resolve_tasks
+    from cl_scale.ds_config import build_ds_config
+
+    datasets.disable_progress_bars()
+    dist_utils.init_distributed(recipe.train.collective_timeout_s)
+    try:
+        tasks = resolve_tasks(recipe.data.order, recipe.data.tasks)
+        ds_config = build_ds_config(recipe, dist_utils.world_size())
+        path = Path(run_dir) if run_dir is not None else Path(recipe.output.dir) / recipe.name
+        run = _open_run_dir(recipe, path, tasks, resume=resume, allow_changed_recipe=allow_changed_recipe)
+        session = _start_session(recipe, run, tasks, ds_config)
+        start = _restore(session)
+        for index in range(start, len(tasks)):
+            _train_stage(session, index)
+        _final_report(session)
+        return path
+    finally:
+        dist_utils.shutdown_distributed()
+
+
+def _versions() -> dict[str, str]:
+    import datasets
+    import deepspeed
+    import transformers
+
+    import cl_scale
+
+    return {
+        "cl_scale": cl_scale.__version__,
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+    }
+
+
+def _open_run_dir(recipe: Any, path: Path, tasks: list[str], *, resume: bool, allow_changed_recipe: bool) -> Any:
+    """Create the run directory, or reopen it for --resume after checking the recipe did not change."""
+    from cl_scale import rundir
+    from cl_scale.recipe import diff_recipes, recipe_to_dict, recipe_to_yaml
+
+    session = {
+        "world_size": dist_utils.world_size(),
+        "global_batch": recipe.train.global_batch,
+        "per_device_batch": recipe.train.per_device_batch,
+        "seed": recipe.train.seed,
+        "versions": _versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+    def open_or_create() -> None:
+        if not resume:
+            manifest = {
+                "name": recipe.name,
+                "method": recipe.method.name,
+                "order": recipe.data.order,
+                "tasks": tasks,
+                **{k: session[k] for k in ("world_size", "global_batch", "per_device_batch", "seed", "versions")},
+                "sessions": [session],
+            }
+            rundir.create_run(path, recipe_to_yaml(recipe), manifest)
+            return
+        run = rundir.open_run(path)
+        changes = diff_recipes(run.recipe_dict(), recipe_to_dict(recipe))
+        if changes and not allow_changed_recipe:
+            raise CLScaleError(
+                f"the recipe differs from the one {path} was started with:\n    " + "\n    ".join(changes),
+                "resume with the original recipe, or pass --allow-changed-recipe if the change is intended",
+            )
+        run.discard_unfinished()
+        run.manifest.setdefault("sessions", []).append({**session, "recipe_changes": changes})
+        run.save_manifest()
+
+    dist_utils.run_on_main(open_or_create)
+    return rundir.open_run(path)
+
+
+def _start_session(recipe: Any, run: Any, tasks: list[str], ds_config: dict[str, Any]) -> Session:
+    from rich.console import Console
+
+    from cl_scale.methods import build_method
+    from cl_scale.modeling.builtin import cache_root
+    from cl_scale.modeling.loading import load_base_model, load_tokenizer, model_dir
+    from cl_scale.modeling.wrapper import ContinualModel
+
+    console = Console(stderr=False, quiet=not dist_utils.is_main())
+    dist_utils.run_on_main(model_dir, recipe.model)  # builds a built-in model once, before the others load it
+    tokenizer = load_tokenizer(recipe.model)
+    loaded = load_base_model(recipe.model, ds_config)
+    if recipe.train.gradient_checkpointing:
+        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    method_cfg = recipe.method
+    model = ContinualModel(
+        loaded.model,
+        kind=loaded.kind,
+        target_modules=recipe.model.target_modules,
+        rank=method_cfg.rank,
+        alpha=method_cfg.alpha,
+        dropout=method_cfg.dropout,
+        gate_hidden=method_cfg.gate.hidden if method_cfg.name == "gainlora" else None,
+    )
+    method = build_method(method_cfg, model, len(tasks))
+    return Session(
+        recipe=recipe, run=run, tasks=tasks, tokenizer=tokenizer, kind=loaded.kind, model=model, method=method,
+        ds_config=ds_config, zero3_handle=loaded.zero3_handle, cache_dir=cache_root() / "tokenized", console=console,
+    )
+
+
+def _stage_generator(recipe: Any, index: int) -> torch.Generator:
+    """The seeded generator a stage grows its parameters from: identical on every rank and on resume."""
+    return torch.Generator().manual_seed(recipe.train.seed * 7919 + index)
+
+
+def _restore(session: Session) -> int:
+    """Re-create the finished stages from their snapshots; returns the first stage to train."""
+    from safetensors.torch import load_file
+
+    from cl_scale.distributed import LocalAccess
+
+    finished = session.run.finished_stages()
+    start = 0
+    while start in finished:
+        start += 1
+    if start == 0:
+        return 0
+    for index in range(start):
+        session.method.grow(index, _stage_generator(session.recipe, index))
+    stage = session.run.stage_dir(start - 1)
+    snapshot = load_file(str(stage / "snapshot.safetensors"))
+    params = session.model.branch_parameters()
+    if set(snapshot) != set(params):
+        raise CLScaleError(
+            f"snapshot {stage} does not match the model the recipe builds "
+            f"({len(snapshot)} tensors stored, {len(params)} expected)",
+            "resume with the recipe the run was started with",
+        )
+    names = sorted(params)
+    LocalAccess().write([params[n] for n in names], [snapshot[n] for n in names])
+    session.method.load_state_tensors(load_file(str(stage / "method.safetensors")))
+    session.console.print(f"[bold]resuming[/] {session.run.path} at stage {start + 1}/{len(session.tasks)}")
+    return start
+
+
+def _lr_lambda(warmup_steps: int):
+    """Linear warm-up, then constant (the published runs used a constant rate)."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def _parameter_counts(model: Any, trainable: list[torch.nn.Parameter]) -> dict[str, int]:
+    """Total, trainable and this rank's resident parameter counts (partitions under ZeRO-3)."""
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    resident = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    return {
+        "total": total,
+        "trainable": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
+        "resident_this_rank": resident,
+    }
+
+
+def _progress(console: Any) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not dist_utils.is_main(),
+    )
+
+
+def _train_stage(session: Session, index: int) -> None:
+    import deepspeed
+
+    from cl_scale.data.pipeline import prepare_task
+    from cl_scale.sharding import training_batches
+
+    recipe, task, console = session.recipe, session.tasks[index], session.console
+    console.rule(f"[bold]stage {index + 1}/{len(session.tasks)}: {task}")
+    train_rows = dist_utils.main_first(
+        prepare_task, recipe, session.tokenizer, session.kind, task, "train", prompts_only=False,
+        cache_dir=session.cache_dir,
+    )
+    session.method.grow(index, _stage_generator(recipe, index))
+    trainable = session.method.trainable_parameters(index)
+    optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe.train.warmup_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=session.model, optimizer=optimizer, lr_scheduler=scheduler, config=session.ds_config
+    )
+    counts = _parameter_counts(session.model, trainable)
+    console.print(
+        f"parameters: total {counts['total']:,}  trainable {counts['trainable']:,}  "
+        f"resident on rank 0 {counts['resident_this_rank']:,}  ({dist_utils.world_size()} rank(s))"
+    )
+    runner = StageRunner(index, len(session.tasks), ZeroAccess(), session.model, train_rows, recipe.train.per_device_batch)
+    try:
+        session.method.before_task(runner)
+        log = _train_epochs(session, engine, runner, task, training_batches)
+        session.method.after_task(runner)
+        snapshot = _snapshot(session)
+        results = _evaluate_stage(session, index)
+        dist_utils.run_on_main(_commit_stage, session, index, snapshot, log, results, counts)
+    finally:
+        engine.destroy()
+    if results:
+        _print_matrix(session)
+
+
+def _train_epochs(session: Session, engine: Any, runner: StageRunner, task: str, training_batches: Any) -> list[dict]:
+    recipe = session.recipe
+    epochs = recipe.train.epochs_per_task.get(task, recipe.train.epochs)
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    plans = [
+        training_batches(
+            len(runner.train_rows.rows), global_batch=recipe.train.global_batch,
+            per_device_batch=recipe.train.per_device_batch, world_size=world, rank=rank,
+            epoch=epoch, seed=recipe.train.seed,
+        )
+        for epoch in range(epochs)
+    ]
+    accumulation = engine.gradient_accumulation_steps()
+    total_steps = sum(len(p) for p in plans) // accumulation
+    log: list[dict] = []
+    engine.train()
+    sums: dict[str, float] = {}
+    tokens = 0
+    started = time.perf_counter()
+    with _progress(session.console) as progress:
+        bar = progress.add_task(f"train {task}", total=total_steps, info="")
+        for epoch, plan in enumerate(plans):
+            for indices in plan:
+                batch = runner.train_rows.batch(indices)
+                output = engine(**batch)
+                loss, terms = session.method.loss(output.loss, session.model.context)
+                engine.backward(loss)
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                tokens += int(batch["attention_mask"].sum())
+                boundary = engine.is_gradient_accumulation_boundary()
+                if boundary:
+                    session.method.before_step(runner)
+                engine.step()
+                if not boundary:
+                    continue
+                session.method.after_step(runner)
+                record = _step_record(engine, sums, accumulation, tokens, started, epoch, len(log) + 1)
+                log.append(record)
+                sums, tokens, started = {}, 0, time.perf_counter()
+                if len(log) % recipe.train.log_every == 0 or len(log) == total_steps:
+                    progress.update(bar, completed=len(log), info=f"loss {record['loss']:.4f}")
+    return log
+
+
+def _step_record(engine: Any, sums: dict[str, float], accumulation: int, tokens: int, started: float,
+                 epoch: int, step: int) -> dict[str, Any]:
+    """One optimizer step's log line: every loss term averaged over all ranks' micro-batches."""
+    names = sorted(sums)
+    values = torch.tensor([sums[n] for n in names] + [float(tokens)], dtype=torch.float64)
+    dist_utils.all_reduce_sum(values)
+    micro_batches = accumulation * dist_utils.world_size()
+    terms = {n: values[i].item() / micro_batches for i, n in enumerate(names)}
+    grad_norm = engine.get_global_grad_norm()
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    return {
+        "step": step,
+        "epoch": epoch,
+        "loss": sum(terms.values()),
+        **{f"loss_{n}": v for n, v in terms.items()},
+        "lr": engine.get_lr()[0],
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "tokens_per_s": values[-1].item() / elapsed,
+    }
+
+
+def _snapshot(session: Session) -> dict[str, torch.Tensor]:
+    """Full values of every branch and gate parameter (collective: all ranks call it)."""
+    params = session.model.branch_parameters()
+    names = sorted(params)
+    values = ZeroAccess().read([params[n] for n in names])
+    return {n: v.contiguous() for n, v in zip(names, values)}
+
+
+def _evaluated_stages(recipe: Any, num_tasks: int) -> set[int]:
+    stages = recipe.eval.stages
+    if stages == "all":
+        return set(range(num_tasks))
+    if stages == "final":
+        return {num_tasks - 1}
+    if stages == "none":
+        return set()
+    return {k - 1 for k in stages if k <= num_tasks}
+
+
+def _evaluate_stage(session: Session, index: int) -> dict[str, Any]:
+    from cl_scale.evaluation.generation import evaluate_task
+
+    if index not in _evaluated_stages(session.recipe, len(session.tasks)):
+        return {}
+    results = {}
+    for task in session.tasks[: index + 1]:
+        results[task] = evaluate_task(
+            session.model, session.recipe, session.tokenizer, session.kind, task, cache_dir=session.cache_dir
+        )
+        session.console.print(f"  eval {task}: {results[task].metric} {results[task].score:.2f}")
+    return results
+
+
+def _commit_stage(session: Session, index: int, snapshot: dict, log: list[dict], results: dict, counts: dict) -> None:
+    from safetensors.torch import save_file
+
+    from cl_scale import atomic
+    from cl_scale.evaluation.stage_scores import SCORES_JSON
+
+    method_state = {k: v.detach().cpu().contiguous() for k, v in session.method.state_tensors().items()}
+
+    def write(folder: Path) -> None:
+        atomic.write_with(folder / "snapshot.safetensors", lambda p: save_file(snapshot, str(p)))
+        atomic.write_with(folder / "method.safetensors", lambda p: save_file(method_state, str(p)))
+        atomic.write_jsonl(folder / "train_log.jsonl", log)
+        for task, result in results.items():
+            atomic.write_jsonl(folder / "predictions" / f"{task}.jsonl", result.rows)
+        scores = {t: {"metric": r.metric, "score": r.score, "examples": len(r.rows)} for t, r in results.items()}
+        atomic.write_json(folder / SCORES_JSON, scores)
+
+    record = {"parameters": counts, "steps": len(log), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    session.run.commit_stage(index, write, record)
+
+
+def _print_matrix(session: Session) -> None:
+    """Rank 0: the matrix so far as a table, and its files when the newest row is complete."""
+    from cl_scale.evaluation.metrics import compute_metrics
+    from cl_scale.evaluation.report import matrix_table, write_matrix_files
+    from cl_scale.evaluation.stage_scores import run_matrix
+
+    if not dist_utils.is_main():
+        return
+    seen = len(session.run.finished_stages())
+    matrix = run_matrix(session.run, seen)
+    try:
+        metrics = compute_metrics(matrix)
+    except CLScaleError:
+        return
+    session.console.print(matrix_table(matrix, session.tasks[:seen], metrics))
+    write_matrix_files(session.run.path, matrix, session.tasks[:seen], metrics)
+
+
+def _final_report(session: Session) -> None:
+    session.console.rule("[bold]done")
+    session.console.print(f"run directory: {session.run.path}")
