@@ -1,0 +1,189 @@
+"""Examples to model batches: tokenisation (cached on disk by content) and padding collators.
+
+Columns produced: decoder-only `input_ids`, `labels` (-100 where no loss), `prompt_mask` (1 on real prompt
+tokens; the gate reads the prompt through it); seq2seq `input_ids` (source) and `labels` (target). The `id`
+column is kept so predictions can be matched back; collators ignore it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from datasets.fingerprint import Hasher
+from transformers import PreTrainedTokenizerBase
+
+from cl_scale.errors import CLScaleError
+
+IGNORE_INDEX = -100
+# Bump when the token layout below changes, so old cache files are not reused.
+_LAYOUT_VERSION = "1"
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids without special tokens; every special token is placed explicitly by the callers."""
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _check_lengths(max_source_length: int, max_target_length: int | None) -> None:
+    if max_source_length < 2 or (max_target_length is not None and max_target_length < 1):
+        raise CLScaleError(
+            f"max_source_length {max_source_length} / max_target_length {max_target_length} leave no room",
+            "use max_source_length >= 2 and max_target_length >= 1",
+        )
+
+
+def _eos(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.eos_token_id is None:
+        raise CLScaleError("the tokenizer has no EOS token", "use a tokenizer with an eos_token; answers must end")
+    return tokenizer.eos_token_id
+
+
+def _causal_prompt(tokenizer: PreTrainedTokenizerBase, prompt: list[int], max_source_length: int) -> list[int]:
+    """BOS (when the tokenizer has one) + the END of the prompt, so "Output: " always survives truncation."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    keep = max_source_length - len(bos)
+    return bos + prompt[max(0, len(prompt) - keep) :]
+
+
+def _causal_batch(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_source_length: int, max_target_length: int
+) -> dict:
+    eos = _eos(tokenizer)
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "prompt_mask": []}
+    for prompt, answer in zip(_encode(tokenizer, batch["prompt"]), _encode(tokenizer, batch["target"])):
+        prompt = _causal_prompt(tokenizer, prompt, max_source_length)
+        answer = answer[: max_target_length - 1] + [eos]
+        rows["input_ids"].append(prompt + answer)
+        rows["labels"].append([IGNORE_INDEX] * len(prompt) + answer)
+        rows["prompt_mask"].append([1] * len(prompt) + [0] * len(answer))
+    return rows
+
+
+def _causal_prompt_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_source_length: int) -> dict:
+    prompts = [_causal_prompt(tokenizer, p, max_source_length) for p in _encode(tokenizer, batch["prompt"])]
+    return {"input_ids": prompts, "prompt_mask": [[1] * len(p) for p in prompts]}
+
+
+def _seq2seq_batch(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_source_length: int, max_target_length: int
+) -> dict:
+    eos = _eos(tokenizer)
+    sources = [s[: max_source_length - 1] + [eos] for s in _encode(tokenizer, batch["prompt"])]
+    targets = [t[: max_target_length - 1] + [eos] for t in _encode(tokenizer, batch["target"])]
+    return {"input_ids": sources, "labels": targets}
+
+
+def _tokenize(ds: Dataset, layout: str, function: Callable, kwargs: dict, cache_dir: Path | None) -> Dataset:
+    """Map `function` over ds; with a cache_dir the result is a file named by a hash of the content,
+    the tokenizer and the settings, so a second run loads it instead of tokenising again."""
+    drop = [c for c in ds.column_names if c != "id"]
+    if cache_dir is None:
+        return ds.map(function, batched=True, fn_kwargs=kwargs, remove_columns=drop)
+    content = {c: ds[c][:] for c in ("id", "prompt", "target") if c in ds.column_names}
+    settings = {k: v for k, v in kwargs.items() if k != "tokenizer"}
+    fingerprint = Hasher.hash((_LAYOUT_VERSION, layout, content, kwargs["tokenizer"], settings))
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    return ds.map(
+        function,
+        batched=True,
+        fn_kwargs=kwargs,
+        remove_columns=drop,
+        new_fingerprint=fingerprint,
+        cache_file_name=str(Path(cache_dir) / f"{layout}-{fingerprint}.arrow"),
+        load_from_cache_file=True,
+    )
+
+
+def tokenize_causal(
+    ds: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_source_length: int,
+    max_target_length: int,
+    cache_dir: Path | None = None,
+) -> Dataset:
+    """Training rows for a decoder-only model: [BOS] prompt + answer + EOS, loss on answer and EOS only.
+
+    An over-long prompt is truncated FROM THE LEFT to max_source_length tokens (BOS included), keeping
+    its end ("Output: ") next to the answer. The answer is cut only by max_target_length (EOS included,
+    EOS always kept). Prompt and answer are tokenised separately, exactly as generation sees the prompt.
+    """
+    _check_lengths(max_source_length, max_target_length)
+    kwargs = {"tokenizer": tokenizer, "max_source_length": max_source_length, "max_target_length": max_target_length}
+    return _tokenize(ds, "causal", _causal_batch, kwargs, cache_dir)
+
+
+def tokenize_causal_prompts(
+    ds: Dataset, tokenizer: PreTrainedTokenizerBase, *, max_source_length: int, cache_dir: Path | None = None
+) -> Dataset:
+    """Prompt-only rows for generation, truncated like `tokenize_causal`; no labels."""
+    _check_lengths(max_source_length, None)
+    kwargs = {"tokenizer": tokenizer, "max_source_length": max_source_length}
+    return _tokenize(ds, "causal-prompts", _causal_prompt_batch, kwargs, cache_dir)
+
+
+def tokenize_seq2seq(
+    ds: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_source_length: int,
+    max_target_length: int,
+    cache_dir: Path | None = None,
+) -> Dataset:
+    """Rows for an encoder-decoder: source = prompt + EOS, labels = target + EOS.
+
+    The source is cut from the right at max_source_length (EOS kept), as the published T5 runs did;
+    the decoder starts fresh, so the "Output:" cue matters less than for a decoder-only model.
+    """
+    _check_lengths(max_source_length, max_target_length)
+    kwargs = {"tokenizer": tokenizer, "max_source_length": max_source_length, "max_target_length": max_target_length}
+    return _tokenize(ds, "seq2seq", _seq2seq_batch, kwargs, cache_dir)
+
+
+def _pad(rows: list[list[int]], value: int, width: int, left: bool) -> torch.Tensor:
+    padded = [[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows]
+    return torch.tensor(padded, dtype=torch.long)
+
+
+def _collate(features: list[dict[str, Any]], pad_id: int, left: bool) -> dict[str, torch.Tensor]:
+    ids = [f["input_ids"] for f in features]
+    width = max(len(r) for r in ids)
+    batch = {
+        "input_ids": _pad(ids, pad_id, width, left),
+        "attention_mask": _pad([[1] * len(r) for r in ids], 0, width, left),
+    }
+    if "labels" in features[0]:
+        labels = [f["labels"] for f in features]
+        batch["labels"] = _pad(labels, IGNORE_INDEX, max(len(r) for r in labels), left)
+    return batch
+
+
+class CausalCollator:
+    """Pads on the LEFT (generation appends on the right): input_ids, attention_mask, prompt_mask
+    (0 on padding and answer), and labels (-100 on padding) when the rows have them."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = _collate(features, self.pad_id, left=True)
+        width = batch["input_ids"].shape[1]
+        batch["prompt_mask"] = _pad([f["prompt_mask"] for f in features], 0, width, left=True)
+        return batch
+
+
+class Seq2SeqCollator:
+    """Pads on the right: input_ids, attention_mask, prompt_mask (= attention_mask of the source),
+    labels padded with -100."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = _collate(features, self.pad_id, left=False)
+        batch["prompt_mask"] = batch["attention_mask"].clone()
+        return batch

@@ -1,0 +1,66 @@
+"""The trainer's single door to task data: benchmark folder or built-in suite, capped, with prompts."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from datasets import Dataset
+
+from cl_scale.data.benchmark import TaskInfo, find_task, load_examples
+from cl_scale.data.names import unknown_name
+from cl_scale.data.prompts import build_prompt, resolve_template
+from cl_scale.data.synthetic import (
+    DEFAULT_N_TEST,
+    DEFAULT_N_TRAIN,
+    SYNTHETIC_BENCHMARK,
+    SYNTHETIC_TASKS,
+    load_synthetic,
+)
+
+SYNTHETIC_ROOT = "builtin:synthetic"
+
+
+class DataConfig(Protocol):
+    """The recipe's data section, as far as data loading reads it."""
+
+    root: str
+    order: str | None
+    tasks: list[str] | None
+    template: str
+    max_source_length: int
+    max_target_length: int
+    max_train_examples: int | None
+    max_eval_examples: int | None
+
+
+def task_info(data_cfg: DataConfig, task: str) -> TaskInfo:
+    """Where `task` comes from; its `benchmark` picks the prompt format and the metric."""
+    if data_cfg.root == SYNTHETIC_ROOT:
+        if task not in SYNTHETIC_TASKS:
+            raise unknown_name("synthetic task", task, SYNTHETIC_TASKS)
+        return TaskInfo(task, SYNTHETIC_BENCHMARK, None)
+    return find_task(data_cfg.root, task)
+
+
+def load_task(data_cfg: DataConfig, task: str, split: str, *, seed: int) -> Dataset:
+    """Examples of one split with a `prompt` column.
+
+    The cap is max_train_examples for "train" and max_eval_examples for dev/test. For the built-in suite
+    the caps are the generated sizes and `seed` is the data seed: pass the same seed for every task so the
+    shared-input tasks really share inputs.
+    """
+    info = task_info(data_cfg, task)
+    if info.benchmark == SYNTHETIC_BENCHMARK:
+        ds = load_synthetic(
+            task,
+            split,
+            n_train=data_cfg.max_train_examples or DEFAULT_N_TRAIN,
+            n_test=data_cfg.max_eval_examples or DEFAULT_N_TEST,
+            seed=seed,
+        )
+    else:
+        cap = data_cfg.max_train_examples if split == "train" else data_cfg.max_eval_examples
+        ds = load_examples(data_cfg.root, task, split, max_examples=cap, seed=seed)
+    template = resolve_template(data_cfg.template, info.benchmark)
+    prompts = [build_prompt(d, x, template) for d, x in zip(ds["definition"], ds["input"])]
+    return ds.add_column("prompt", prompts)
