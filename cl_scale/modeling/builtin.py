@@ -37,7 +37,7 @@ class BuiltinSpec:
 
 
 BUILTINS: dict[str, BuiltinSpec] = {
-    "tiny-llama": BuiltinSpec("causal", 1, 400, 128, 4, 4, 600, 32, 2e-3),
+    "tiny-llama": BuiltinSpec("causal", 2, 400, 128, 4, 4, 600, 32, 2e-3),
     "tiny-t5": BuiltinSpec("seq2seq", 1, 400, 128, 3, 4, 600, 32, 2e-3),
 }
 
@@ -86,7 +86,8 @@ def _build(spec: BuiltinSpec, out: Path) -> None:
     vocab = len(tokenizer)
     if spec.kind == "causal":
         config = tiny_llama_config(vocab, hidden=spec.hidden, layers=spec.layers, heads=spec.heads,
-                                   kv_heads=spec.heads, intermediate=2 * spec.hidden)
+                                   kv_heads=spec.heads, intermediate=2 * spec.hidden,
+                                   pad_token_id=tokenizer.pad_token_id)
     else:
         config = tiny_t5_config(vocab, d_model=spec.hidden, layers=spec.layers, heads=spec.heads, d_ff=2 * spec.hidden)
     model = build_tiny_model(config, seed=0)

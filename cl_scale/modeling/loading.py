@@ -82,8 +82,12 @@ class LoadedModel:
     zero3_handle: Any = None
 
 
-def load_base_model(model_cfg: Any, ds_config: dict[str, Any] | None) -> LoadedModel:
-    """Load the frozen base; with a ZeRO-3 `ds_config` every rank only ever holds its partition."""
+def load_base_model(model_cfg: Any, ds_config: dict[str, Any] | None, pad_token_id: int) -> LoadedModel:
+    """Load the frozen base; with a ZeRO-3 `ds_config` every rank only ever holds its partition.
+
+    `pad_token_id` (the tokenizer's, after the recipe's override) goes into the model's configs, since
+    generation pads finished sequences with it.
+    """
     path = model_dir(model_cfg)
     config = load_config(model_cfg)
     kind = resolve_kind(model_cfg, config)
@@ -101,8 +105,7 @@ def load_base_model(model_cfg: Any, ds_config: dict[str, Any] | None) -> LoadedM
         )
     except (OSError, ValueError) as err:
         raise _missing_model(path, err) from err
-    if model_cfg.pad_token_id is not None:
-        model.config.pad_token_id = model_cfg.pad_token_id
-        model.generation_config.pad_token_id = model_cfg.pad_token_id
+    model.config.pad_token_id = pad_token_id
+    model.generation_config.pad_token_id = pad_token_id
     model.requires_grad_(False)
     return LoadedModel(model, kind, handle)

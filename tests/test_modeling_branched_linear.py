@@ -1,0 +1,72 @@
+"""BranchedLinear against independent references: PEFT's LoRA and a per-branch loop."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from modeling_fixtures import ALPHA, RANK, VOCAB, continual, grown, left_padded, random_tokens
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from cl_scale.modeling.branched_linear import BranchedLinear
+from cl_scale.modeling.context import BranchContext
+from cl_scale.modeling.tiny import build_tiny_model, tiny_llama_config
+
+
+def test_one_ungated_branch_equals_peft_lora() -> None:
+    base = build_tiny_model(tiny_llama_config(VOCAB), seed=0)
+    reference = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    )
+    model = grown(continual(base, "causal"), tasks=1)
+    with torch.no_grad():
+        for path, layer in model.branched.items():
+            a, b = layer.branch(0)
+            peft_layer = reference.base_model.model.get_submodule(path)
+            peft_layer.lora_A["default"].weight.copy_(a)
+            peft_layer.lora_B["default"].weight.copy_(b)
+    ids, mask = left_padded([random_tokens(9, seed=2), random_tokens(5, seed=3)])
+    expected = reference.eval()(input_ids=ids, attention_mask=mask).logits
+    actual = model(ids, mask, mask).logits
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+
+
+def _branched(tasks: int, generator: torch.Generator) -> BranchedLinear:
+    layer = BranchedLinear(nn.Linear(16, 12), rank=3, alpha=6.0, dropout=0.0, context=BranchContext())
+    for _ in range(tasks):
+        layer.add_branch(generator)
+    with torch.no_grad():
+        for _, b in layer.branches():
+            b.normal_(generator=generator)
+    return layer
+
+
+def _loop_reference(layer: BranchedLinear, x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """y = W x + b + sum_i c_i s B_i A_i x, one branch at a time."""
+    expected = x @ layer.base.weight.T + layer.base.bias
+    for i, (a, b) in enumerate(layer.branches()):
+        c = coefficients[:, i].view(-1, *([1] * (x.dim() - 1)))
+        expected = expected + c * layer.scaling * (x @ a.T @ b.T)
+    return expected
+
+
+@pytest.mark.parametrize("tasks", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("shape", [(5, 16), (5, 7, 16)], ids=["2d", "3d"])
+def test_fused_branches_equal_per_branch_loop_with_coefficients(tasks: int, shape: tuple[int, ...]) -> None:
+    generator = torch.Generator().manual_seed(tasks)
+    layer = _branched(tasks, generator)
+    x = torch.randn(shape, generator=generator)
+    coefficients = torch.rand(shape[0], tasks, generator=generator)
+    layer.context.coefficients = coefficients
+    torch.testing.assert_close(layer(x), _loop_reference(layer, x, coefficients), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tasks", [1, 3])
+def test_branches_without_coefficients_all_count_once(tasks: int) -> None:
+    generator = torch.Generator().manual_seed(10 + tasks)
+    layer = _branched(tasks, generator)
+    x = torch.randn(4, 6, 16, generator=generator)
+    torch.testing.assert_close(layer(x), _loop_reference(layer, x, torch.ones(4, tasks)), atol=1e-5, rtol=1e-5)
