@@ -198,3 +198,18 @@ def main_first(fn, *args, **kwargs):
         return result
     barrier()
     return fn(*args, **kwargs)
+
+
+def restart_zero_trace(engine: object) -> None:
+    """Make ZeRO-3 record a fresh module trace on the next forward.
+
+    ZeRO-3 prefetches parameters by replaying the module order it recorded on an earlier step. A no-grad
+    pass (subspace statistics, generation) runs modules in a different order from a training step, so a
+    trace kept across that switch makes DeepSpeed fail with "tracing error". Call this at every switch.
+    """
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is None:
+        return
+    coordinator = offload.get_param_coordinator()
+    if not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()

@@ -28,7 +28,7 @@ class StageRunner:
     task_index: int
     num_tasks: int
     access: Any
-    module: Any
+    engine: Any
     train_rows: Any
     batch_size: int
 
@@ -36,16 +36,19 @@ class StageRunner:
         """No-grad forward over this rank's shard of the training data, same batch count on every rank."""
         from cl_scale.sharding import even_shards
 
-        was_training = self.module.training
-        self.module.eval()
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
         shards = even_shards(
             len(self.train_rows.rows), batch_size=self.batch_size,
             world_size=dist_utils.world_size(), rank=dist_utils.rank(),
         )
+        dist_utils.restart_zero_trace(self.engine)
         with torch.no_grad():
             for indices in shards:
-                self.module(**self.train_rows.batch(indices))
-        self.module.train(was_training)
+                module(**self.train_rows.batch(indices))
+        dist_utils.restart_zero_trace(self.engine)
+        module.train(was_training)
 
 
 @dataclass
@@ -74,6 +77,7 @@ def run_training(recipe: Any, *, resume: bool, run_dir: str | Path | None, allow
     from cl_scale.ds_config import build_ds_config
 
     datasets.disable_progress_bars()
+    owns_group = not dist_utils.is_distributed()
     dist_utils.init_distributed(recipe.train.collective_timeout_s)
     try:
         tasks = resolve_tasks(recipe.data.order, recipe.data.tasks)
@@ -87,7 +91,8 @@ def run_training(recipe: Any, *, resume: bool, run_dir: str | Path | None, allow
         _final_report(session)
         return path
     finally:
-        dist_utils.shutdown_distributed()
+        if owns_group:
+            dist_utils.shutdown_distributed()
 
 
 def _versions() -> dict[str, str]:
@@ -158,7 +163,7 @@ def _start_session(recipe: Any, run: Any, tasks: list[str], ds_config: dict[str,
     console = Console(stderr=False, quiet=not dist_utils.is_main())
     dist_utils.run_on_main(model_dir, recipe.model)  # builds a built-in model once, before the others load it
     tokenizer = load_tokenizer(recipe.model)
-    loaded = load_base_model(recipe.model, ds_config)
+    loaded = load_base_model(recipe.model, ds_config, tokenizer.pad_token_id)
     if recipe.train.gradient_checkpointing:
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     method_cfg = recipe.method
@@ -262,12 +267,13 @@ def _train_stage(session: Session, index: int) -> None:
         f"parameters: total {counts['total']:,}  trainable {counts['trainable']:,}  "
         f"resident on rank 0 {counts['resident_this_rank']:,}  ({dist_utils.world_size()} rank(s))"
     )
-    runner = StageRunner(index, len(session.tasks), ZeroAccess(), session.model, train_rows, recipe.train.per_device_batch)
+    runner = StageRunner(index, len(session.tasks), ZeroAccess(), engine, train_rows, recipe.train.per_device_batch)
     try:
         session.method.before_task(runner)
         log = _train_epochs(session, engine, runner, task, training_batches)
         session.method.after_task(runner)
         snapshot = _snapshot(session)
+        dist_utils.restart_zero_trace(engine)
         results = _evaluate_stage(session, index)
         dist_utils.run_on_main(_commit_stage, session, index, snapshot, log, results, counts)
     finally:
@@ -292,6 +298,7 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner, task: str,
     total_steps = sum(len(p) for p in plans) // accumulation
     log: list[dict] = []
     engine.train()
+    dist_utils.restart_zero_trace(engine)
     sums: dict[str, float] = {}
     tokens = 0
     started = time.perf_counter()

@@ -1,0 +1,81 @@
+"""The distributed path is the product: 2 ZeRO-3 ranks must reproduce 1 rank at the same global batch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.trainer_helpers import launch, train_log, write_recipe
+
+pytestmark = pytest.mark.multirank
+
+METHODS = {
+    "gainlora_inflora": {"name": "gainlora", "branch": "inflora"},
+    "gainlora_olora": {"name": "gainlora", "branch": "olora"},
+    "nlora": {"name": "nlora"},
+}
+STAGES = ["01-reverse", "02-sort"]
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> dict[int, dict[str, Path]]:
+    """Each method trained once with 1 rank and once with 2 ZeRO-3 ranks (one launch per world)."""
+    root = tmp_path_factory.mktemp("worlds")
+    recipes = {
+        name: write_recipe(root / f"{name}.yaml", tiny_llama_dir, method={"rank": 4, "gate": {"hidden": 16}, **method})
+        for name, method in METHODS.items()
+    }
+    runs: dict[int, dict[str, Path]] = {}
+    for ranks in (1, 2):
+        runs[ranks] = {name: root / f"run-{ranks}-{name}" for name in METHODS}
+        launch([(recipes[n], runs[ranks][n]) for n in METHODS], ranks=ranks, cache=root / "cache")
+    return runs
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_loss_curves_agree_between_one_and_two_ranks(worlds, method: str) -> None:
+    for stage in STAGES:
+        one, two = train_log(worlds[1][method], stage), train_log(worlds[2][method], stage)
+        assert len(one) == len(two) > 0
+        for a, b in zip(one, two):
+            terms = [k for k in a if k.startswith("loss")]
+            assert terms == [k for k in b if k.startswith("loss")]
+            for key in terms:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (stage, a["step"], key)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_stage_snapshots_agree_between_one_and_two_ranks(worlds, method: str) -> None:
+    for stage in STAGES:
+        one = load_file(str(worlds[1][method] / "stages" / stage / "snapshot.safetensors"))
+        two = load_file(str(worlds[2][method] / "stages" / stage / "snapshot.safetensors"))
+        assert one.keys() == two.keys() and one
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=f"{stage} {name}")
+
+
+@pytest.mark.parametrize("method", ["gainlora_inflora", "gainlora_olora"])
+def test_subspace_projectors_agree_between_one_and_two_ranks(worlds, method: str) -> None:
+    one = load_file(str(worlds[1][method] / "stages" / STAGES[-1] / "method.safetensors"))
+    two = load_file(str(worlds[2][method] / "stages" / STAGES[-1] / "method.safetensors"))
+    assert one.keys() == two.keys() and one
+    for name in one:
+        if one[name].dim() != 2:
+            continue
+        p1 = one[name].double() @ one[name].double().T
+        p2 = two[name].double() @ two[name].double().T
+        torch.testing.assert_close(p2, p1, rtol=0, atol=1e-5, msg=name)
+
+
+def test_two_rank_generation_matches_one_rank(worlds) -> None:
+    for method in METHODS:
+        for task in ("reverse", "sort"):
+            path = Path("stages") / STAGES[-1] / "predictions" / f"{task}.jsonl"
+            one = [json.loads(x) for x in (worlds[1][method] / path).read_text().splitlines()]
+            two = [json.loads(x) for x in (worlds[2][method] / path).read_text().splitlines()]
+            assert [r["id"] for r in two] == [r["id"] for r in one]
+            assert [r["prediction"] for r in two] == [r["prediction"] for r in one]

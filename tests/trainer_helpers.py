@@ -1,0 +1,60 @@
+"""Helpers for tests that run the real trainer: recipes on tiny models, launches with 1 or 2 ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO / "tests" / "multirank" / "train_recipes.py"
+
+
+def write_recipe(path: Path, model_dir: Path, **sections: dict[str, Any]) -> Path:
+    """A small synthetic-suite recipe on `model_dir`; `sections` update the defaults section by section."""
+    recipe: dict[str, Any] = {
+        "model": {"path": str(model_dir), "dtype": "fp32"},
+        "data": {"root": "builtin:synthetic", "tasks": ["reverse", "sort"], "max_train_examples": 32,
+                 "max_eval_examples": 8},
+        "method": {"name": "gainlora", "rank": 4, "gate": {"hidden": 16}},
+        "train": {"epochs": 2, "per_device_batch": 4, "global_batch": 16, "lr": 5e-3, "collective_timeout_s": 120},
+        "eval": {"max_new_tokens": 4, "batch_size": 4, "stages": "final"},
+        "deepspeed": {"config": "ds_configs/zero3.json",
+                      "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
+    }
+    for name, values in sections.items():
+        recipe[name] = {**recipe.get(name, {}), **values}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(pairs: list[tuple[Path, Path]], *, ranks: int, cache: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Train (recipe, run_dir) pairs in one launch: a plain process for 1 rank, the deepspeed launcher for more."""
+    args = [str(x) for pair in pairs for x in pair]
+    if ranks == 1:
+        command = [sys.executable, str(TRAIN_SCRIPT), *args]
+    else:
+        launcher = Path(sys.executable).parent / "deepspeed"
+        command = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(TRAIN_SCRIPT), *args]
+    env = {**os.environ, "CL_SCALE_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"launch with {ranks} rank(s) failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def train_log(run_dir: Path, stage: str) -> list[dict[str, Any]]:
+    path = run_dir / "stages" / stage / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
