@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +58,18 @@ class Session:
     recipe: Any
     run: Any
     tasks: list[str]
-    tokenizer: Any
-    kind: str
-    model: Any
-    method: Any
+    state: Any
     ds_config: dict[str, Any]
-    zero3_handle: Any
     cache_dir: Path
     console: Any
-    log: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def model(self) -> Any:
+        return self.state.model
+
+    @property
+    def method(self) -> Any:
+        return self.state.method
 
 
 def run_training(recipe: Any, *, resume: bool, run_dir: str | Path | None, allow_changed_recipe: bool) -> Path:
@@ -155,66 +158,26 @@ def _open_run_dir(recipe: Any, path: Path, tasks: list[str], *, resume: bool, al
 def _start_session(recipe: Any, run: Any, tasks: list[str], ds_config: dict[str, Any]) -> Session:
     from rich.console import Console
 
-    from cl_scale.methods import build_method
+    from cl_scale.continual_state import build_state
     from cl_scale.modeling.builtin import cache_root
-    from cl_scale.modeling.loading import load_base_model, load_tokenizer, model_dir
-    from cl_scale.modeling.wrapper import ContinualModel
 
-    console = Console(stderr=False, quiet=not dist_utils.is_main())
-    dist_utils.run_on_main(model_dir, recipe.model)  # builds a built-in model once, before the others load it
-    tokenizer = load_tokenizer(recipe.model)
-    loaded = load_base_model(recipe.model, ds_config, tokenizer.pad_token_id)
-    if recipe.train.gradient_checkpointing:
-        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    method_cfg = recipe.method
-    model = ContinualModel(
-        loaded.model,
-        kind=loaded.kind,
-        target_modules=recipe.model.target_modules,
-        rank=method_cfg.rank,
-        alpha=method_cfg.alpha,
-        dropout=method_cfg.dropout,
-        gate_hidden=method_cfg.gate.hidden if method_cfg.name == "gainlora" else None,
-    )
-    method = build_method(method_cfg, model, len(tasks))
-    return Session(
-        recipe=recipe, run=run, tasks=tasks, tokenizer=tokenizer, kind=loaded.kind, model=model, method=method,
-        ds_config=ds_config, zero3_handle=loaded.zero3_handle, cache_dir=cache_root() / "tokenized", console=console,
-    )
-
-
-def _stage_generator(recipe: Any, index: int) -> torch.Generator:
-    """The seeded generator a stage grows its parameters from: identical on every rank and on resume."""
-    return torch.Generator().manual_seed(recipe.train.seed * 7919 + index)
+    console = Console(quiet=not dist_utils.is_main())
+    state = build_state(recipe, ds_config, len(tasks))
+    return Session(recipe=recipe, run=run, tasks=tasks, state=state, ds_config=ds_config,
+                   cache_dir=cache_root() / "tokenized", console=console)
 
 
 def _restore(session: Session) -> int:
-    """Re-create the finished stages from their snapshots; returns the first stage to train."""
-    from safetensors.torch import load_file
-
-    from cl_scale.distributed import LocalAccess
+    """Re-create the finished stages from the last snapshot; returns the first stage to train."""
+    from cl_scale.continual_state import restore_stage
 
     finished = session.run.finished_stages()
     start = 0
     while start in finished:
         start += 1
-    if start == 0:
-        return 0
-    for index in range(start):
-        session.method.grow(index, _stage_generator(session.recipe, index))
-    stage = session.run.stage_dir(start - 1)
-    snapshot = load_file(str(stage / "snapshot.safetensors"))
-    params = session.model.branch_parameters()
-    if set(snapshot) != set(params):
-        raise CLScaleError(
-            f"snapshot {stage} does not match the model the recipe builds "
-            f"({len(snapshot)} tensors stored, {len(params)} expected)",
-            "resume with the recipe the run was started with",
-        )
-    names = sorted(params)
-    LocalAccess().write([params[n] for n in names], [snapshot[n] for n in names])
-    session.method.load_state_tensors(load_file(str(stage / "method.safetensors")))
-    session.console.print(f"[bold]resuming[/] {session.run.path} at stage {start + 1}/{len(session.tasks)}")
+    if start > 0:
+        restore_stage(session.state, session.recipe, session.run.stage_dir(start - 1), start - 1)
+        session.console.print(f"[bold]resuming[/] {session.run.path} at stage {start + 1}/{len(session.tasks)}")
     return start
 
 
@@ -246,16 +209,17 @@ def _progress(console: Any) -> Any:
 def _train_stage(session: Session, index: int) -> None:
     import deepspeed
 
+    from cl_scale.continual_state import stage_generator
     from cl_scale.data.pipeline import prepare_task
     from cl_scale.sharding import training_batches
 
     recipe, task, console = session.recipe, session.tasks[index], session.console
     console.rule(f"[bold]stage {index + 1}/{len(session.tasks)}: {task}")
     train_rows = dist_utils.main_first(
-        prepare_task, recipe, session.tokenizer, session.kind, task, "train", prompts_only=False,
+        prepare_task, recipe, session.state.tokenizer, session.state.kind, task, "train", prompts_only=False,
         cache_dir=session.cache_dir,
     )
-    session.method.grow(index, _stage_generator(recipe, index))
+    session.method.grow(index, stage_generator(recipe, index))
     trainable = session.method.trainable_parameters(index)
     optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe.train.warmup_steps))
@@ -376,7 +340,7 @@ def _evaluate_stage(session: Session, index: int) -> dict[str, Any]:
     results = {}
     for task in session.tasks[: index + 1]:
         results[task] = evaluate_task(
-            session.model, session.recipe, session.tokenizer, session.kind, task, cache_dir=session.cache_dir
+            session.model, session.recipe, session.state.tokenizer, session.state.kind, task, cache_dir=session.cache_dir
         )
         session.console.print(f"  eval {task}: {results[task].metric} {results[task].score:.2f}")
     return results
@@ -386,13 +350,14 @@ def _commit_stage(session: Session, index: int, snapshot: dict, log: list[dict],
     from safetensors.torch import save_file
 
     from cl_scale import atomic
+    from cl_scale.continual_state import METHOD_STATE, SNAPSHOT
     from cl_scale.evaluation.stage_scores import SCORES_JSON
 
     method_state = {k: v.detach().cpu().contiguous() for k, v in session.method.state_tensors().items()}
 
     def write(folder: Path) -> None:
-        atomic.write_with(folder / "snapshot.safetensors", lambda p: save_file(snapshot, str(p)))
-        atomic.write_with(folder / "method.safetensors", lambda p: save_file(method_state, str(p)))
+        atomic.write_with(folder / SNAPSHOT, lambda p: save_file(snapshot, str(p)))
+        atomic.write_with(folder / METHOD_STATE, lambda p: save_file(method_state, str(p)))
         atomic.write_jsonl(folder / "train_log.jsonl", log)
         for task, result in results.items():
             atomic.write_jsonl(folder / "predictions" / f"{task}.jsonl", result.rows)
