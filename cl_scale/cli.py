@@ -263,7 +263,7 @@ def plan(
     loaded = _recipe(recipe, overrides, set_)
     from cl_scale.plan import plan_cli
 
-    plan_cli(loaded, gpus=gpus, nodes=nodes)
+    plan_cli(loaded, gpus=gpus, nodes=nodes, recipe_path=str(recipe), overrides=[*(overrides or []), *(set_ or [])])
 
 
 @data_app.command("list")

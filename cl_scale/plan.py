@@ -595,20 +595,6 @@ def make_plan(
 # Printing
 
 
-def _invocation() -> tuple[str, list[str]]:
-    """The recipe path and overrides as typed: the CLI hands over only the loaded recipe, so they are
-    read from click's context, letting the printed launch line be pasted as is."""
-    try:  # typer >= 0.2x runs commands on its own vendored copy of click
-        from typer._click.globals import get_current_context
-    except ImportError:
-        from click import get_current_context
-
-    ctx = get_current_context(silent=True)
-    params = ctx.params if ctx is not None else {}
-    path = params.get("recipe")
-    return (str(path) if path else "RECIPE.yaml"), [*(params.get("overrides") or ()), *(params.get("set_") or ())]
-
-
 def _n(value: int | None) -> str:
     return "—" if value is None else f"{value:,}"
 
@@ -667,24 +653,16 @@ def plan_cli(
     *,
     gpus: int,
     nodes: int,
-    recipe_path: str | None = None,
-    overrides: Sequence[str] | None = None,
+    recipe_path: str = "RECIPE.yaml",
+    overrides: Sequence[str] = (),
 ) -> None:
     """Print the plan; exit with an error (after printing) when a check would stop the run.
 
-    `recipe_path` and `overrides` make the printed launch line; when not given they are read from
-    the running command's context.
+    `recipe_path` and `overrides` (as typed) make the printed launch line pasteable.
     """
     from rich.console import Console
 
-    typed_path, typed_overrides = _invocation()
-    plan = make_plan(
-        recipe,
-        gpus=gpus,
-        nodes=nodes,
-        recipe_path=typed_path if recipe_path is None else recipe_path,
-        overrides=typed_overrides if overrides is None else overrides,
-    )
+    plan = make_plan(recipe, gpus=gpus, nodes=nodes, recipe_path=recipe_path, overrides=overrides)
     _print(plan, Console())
     if plan.errors:
         where = ", ".join(dict.fromkeys(check.subject for check in plan.errors))

@@ -27,15 +27,12 @@ def wide_colour(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FORCE_COLOR", "1")
 
 
-def fake_recipe(monkeypatch: pytest.MonkeyPatch, root: str, model_path: str, tasks: list[str]) -> None:
+def fake_recipe(root: str, model_path: str, tasks: list[str]) -> SimpleNamespace:
     data = SimpleNamespace(
         root=root, order=None, tasks=tasks, template="auto", max_source_length=16, max_target_length=8,
         max_train_examples=None, max_eval_examples=None,
     )
-    recipe = SimpleNamespace(data=data, model=SimpleNamespace(path=model_path), train=SimpleNamespace(seed=0))
-    module = types.ModuleType("cl_scale.recipe")
-    module.load_recipe = lambda path, overrides: recipe  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "cl_scale.recipe", module)
+    return SimpleNamespace(data=data, model=SimpleNamespace(path=model_path), train=SimpleNamespace(seed=0))
 
 
 def test_list_shows_split_sizes(bench: Path, wide_colour: None, capsys: pytest.CaptureFixture[str]) -> None:
@@ -59,8 +56,8 @@ def test_check_reports_token_lengths_and_truncation(
     bench: Path, llama_tokenizer_dir: Path, wide_colour: None, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    fake_recipe(monkeypatch, str(bench), str(llama_tokenizer_dir), ["cb"])
-    check_recipe_cli("recipe.yaml", [])
+    recipe = fake_recipe(str(bench), str(llama_tokenizer_dir), ["cb"])
+    check_recipe_cli(recipe)
     out = capsys.readouterr().out
     assert "Lengths in tokens" in out
     train_row = next(line for line in out.splitlines() if " train " in line and "cb" in line)
@@ -71,8 +68,8 @@ def test_check_reports_missing_splits(
     bench: Path, llama_tokenizer_dir: Path, wide_colour: None, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    fake_recipe(monkeypatch, str(bench), str(llama_tokenizer_dir), ["cb"])
-    check_recipe_cli("recipe.yaml", [])
+    recipe = fake_recipe(str(bench), str(llama_tokenizer_dir), ["cb"])
+    check_recipe_cli(recipe)
     test_row = next(line for line in capsys.readouterr().out.splitlines() if " test " in line)
     assert f"{RED}missing" in test_row
 
@@ -80,7 +77,7 @@ def test_check_reports_missing_splits(
 def test_check_falls_back_to_word_counts_without_a_tokenizer(
     bench: Path, wide_colour: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fake_recipe(monkeypatch, str(bench), "builtin:nothing", ["cb"])
+    recipe = fake_recipe(str(bench), "builtin:nothing", ["cb"])
     loading = types.ModuleType("cl_scale.modeling.loading")
 
     def broken(model_cfg: object) -> None:
@@ -88,6 +85,6 @@ def test_check_falls_back_to_word_counts_without_a_tokenizer(
 
     loading.load_tokenizer = broken  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "cl_scale.modeling.loading", loading)
-    check_recipe_cli("recipe.yaml", [])
+    check_recipe_cli(recipe)
     out = capsys.readouterr().out
     assert "no such model" in out and "Lengths in words" in out

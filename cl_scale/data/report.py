@@ -70,11 +70,8 @@ def _stats_cells(stats: LengthStats) -> list[str]:
     ]
 
 
-def check_recipe_cli(recipe_path: str, overrides: list[str]) -> None:
+def check_recipe_cli(recipe: Any) -> None:
     """Print split sizes and prompt/answer lengths of every task of a recipe, and how many would be cut."""
-    from cl_scale.recipe import load_recipe
-
-    recipe = load_recipe(recipe_path, overrides)
     data = recipe.data
     tasks = resolve_tasks(data.order, data.tasks)
     console = Console()
