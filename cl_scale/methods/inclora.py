@@ -1,0 +1,39 @@
+"""IncLoRA: a new branch per task, all summed with coefficient 1, old branches frozen."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cl_scale.methods.base import Method, TaskRunner
+from cl_scale.methods.trainable import branch_parameters, train_exactly
+from cl_scale.modeling.branched_linear import PenaltyFn
+
+
+class IncLoRA(Method):
+    """Task t owns branch t; its A and B train. The base of the other branch-expansion methods.
+
+    A subclass with an extra loss returns it from `penalty`; it is installed on every layer while
+    the task trains (layers compute it inside their forward) and removed after the task.
+    """
+
+    name = "inclora"
+
+    def penalty(self, task_index: int) -> PenaltyFn | None:
+        """The layer penalty while `task_index` trains (None: the task loss alone)."""
+        return None
+
+    def grow(self, task_index: int, generator: torch.Generator) -> None:
+        index = self.model.add_branches(generator)
+        if index != task_index:
+            raise RuntimeError(f"task {task_index} would get branch {index}: grow every earlier task first")
+        penalty = self.penalty(task_index)
+        for layer in self.model.branched.values():
+            layer.penalty = penalty
+
+    def trainable_parameters(self, task_index: int) -> list[nn.Parameter]:
+        return train_exactly(self.model, branch_parameters(self.model, task_index))
+
+    def after_task(self, runner: TaskRunner) -> None:
+        for layer in self.model.branched.values():
+            layer.penalty = None
