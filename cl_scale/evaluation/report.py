@@ -87,15 +87,12 @@ def _save_png(path: Path, fig: Figure) -> None:
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
-def _heatmap(R: Matrix, task_names: Sequence[str]) -> Figure:
+def _draw_heatmap(fig: Figure, ax: Any, R: Matrix, task_names: Sequence[str], title: str | None = None) -> None:
     """Heat map of R on a 0-100 colour scale, each evaluated cell annotated, missing cells blank."""
     T = len(task_names)
     values = np.array([[np.nan if v is None else float(v) for v in row] for row in R])
-    size = 2.5 + 0.6 * T
-    fig = Figure(figsize=(size + 1.5, size), layout="constrained")
-    ax = fig.add_subplot()
     image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=100.0)
-    fig.colorbar(image, ax=ax, label="score")
+    fig.colorbar(image, ax=ax, label="score", shrink=0.8)
     for i in range(T):
         for j in range(T):
             if not np.isnan(values[i, j]):
@@ -105,7 +102,24 @@ def _heatmap(R: Matrix, task_names: Sequence[str]) -> Figure:
     ax.set_yticks(range(T), [_stage_label(k, name) for k, name in enumerate(task_names)], fontsize=7)
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("training stage")
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def _heatmap(R: Matrix, task_names: Sequence[str]) -> Figure:
+    size = 2.5 + 0.6 * len(task_names)
+    fig = Figure(figsize=(size + 1.5, size), layout="constrained")
+    _draw_heatmap(fig, fig.add_subplot(), R, task_names)
     return fig
+
+
+def write_heatmaps_side_by_side(path: str | os.PathLike[str], panels: Sequence[tuple[str, Matrix, Sequence[str]]]) -> None:
+    """One PNG with a heat map per (title, R, task names) panel, left to right (e.g. one per method)."""
+    size = 2.5 + 0.6 * max(len(names) for _, _, names in panels)
+    fig = Figure(figsize=((size + 1.5) * len(panels), size), layout="constrained")
+    for k, (title, R, names) in enumerate(panels):
+        _draw_heatmap(fig, fig.add_subplot(1, len(panels), k + 1), R, names, title)
+    _save_png(Path(path), fig)
 
 
 def _ap_curve(R: Matrix, task_names: Sequence[str]) -> Figure:

@@ -1,0 +1,31 @@
+# Two commands for a newcomer: `make demo` (CPU demo) and `make test` (the test suite).
+# Both create .venv on first use: the CPU torch pin first (a bare `torch` would pull CUDA wheels),
+# then cl-scale with its test extra.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-multirank test-scale test-slurm clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/cl-scale demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-multirank: install
+	$(PY) -m pytest -q -m multirank
+
+clean:
+	rm -rf runs .pytest_cache
