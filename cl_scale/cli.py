@@ -213,7 +213,8 @@ def eval_(
         typer.Option(
             "--max-examples",
             min=1,
-            help="Score at most N test examples per task (quick look); default all.",
+            help="Quick look: score cells not yet evaluated on at most N test examples per task; results go to "
+            "RUN/quick-look/, never into stages/ or the run's matrix files.",
             show_default=False,
         ),
     ] = None,
@@ -246,7 +247,8 @@ def generate(
         Optional[Path],
         typer.Option(
             "--input",
-            help='JSONL file with one {"input": ...} per line; answers go to stdout as JSONL.',
+            help='JSONL file, one {"prompt": ...} or {"definition": ..., "input": ...} per line; '
+            "a table on a terminal, JSONL when piped.",
             show_default=False,
         ),
     ] = None,

@@ -8,7 +8,9 @@ which gathers, and writes both the fp32 master partition and the working copy so
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -41,6 +43,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed() and world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def per_rank(value: float) -> list[float]:
+    """`value` as reported by every rank, in rank order (collective: call on every rank)."""
+    values = torch.zeros(world_size(), dtype=torch.float64)
+    values[rank()] = value
+    return all_reduce_sum(values).tolist()
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:
@@ -84,15 +93,24 @@ class ZeroAccess:
     """ParamAccess for a model inside a DeepSpeed ZeRO-3 engine. Collective: call on every rank."""
 
     def read(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
-        from deepspeed import zero
         from deepspeed.utils import safe_get_full_fp32_param
 
         values = []
         for param in params:
             master = safe_get_full_fp32_param(param) if param.requires_grad else None
-            if master is not None:
-                values.append(master.detach().float().cpu().clone())
-                continue
+            values.append(self.read_working([param])[0] if master is None else master.detach().float().cpu().clone())
+        return values
+
+    def read_working(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+        """Full values of the working copies, the ones forwards compute with (bf16 in bf16 training), in fp32.
+
+        Snapshots take these: they are what evaluation used and what the next stage starts from, so a
+        working copy that fell out of step with its master shows in the snapshot instead of hiding.
+        """
+        from deepspeed import zero
+
+        values = []
+        for param in params:
             with zero.GatheredParameters([param]):
                 values.append(param.detach().float().cpu().clone())
         return values
@@ -157,11 +175,57 @@ def init_distributed(timeout_s: float) -> None:
     if is_distributed():
         return
     os.environ.update(launcher_environment(dict(os.environ)))
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))  # before NCCL starts: one GPU per local rank
     deepspeed.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(),
         auto_mpi_discovery=False,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+
+
+_COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|connection (reset|closed)|timed out|timeout", re.IGNORECASE)
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """True for the errors torch.distributed raises when a peer died or stopped answering."""
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and bool(_COLLECTIVE_FAILURE.search(str(error)))
+
+
+@contextmanager
+def explain_collective_failures(timeout_s: float) -> Iterator[None]:
+    """Re-raise a failed collective as a CLScaleError that names the likely cause.
+
+    The raw gloo/NCCL message ("Connection reset by peer", "Timed out waiting 20000ms for recv") says
+    which socket broke, not that another rank died or hung, which is what the user needs to look for.
+    """
+    from cl_scale.errors import CLScaleError
+
+    try:
+        yield
+    except CLScaleError:
+        raise
+    except Exception as error:
+        if world_size() < 2 or not is_collective_failure(error):
+            raise
+        detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise CLScaleError(
+            f"rank {rank()} of {world_size()}: a collective operation failed, so another rank has died or "
+            f"stopped responding (collectives wait at most train.collective_timeout_s = {timeout_s:g} s); "
+            f"the backend said: {detail}",
+            "find the first error in the other ranks' output; if a rank is only slow (a long data pass, "
+            "a slow file system), raise train.collective_timeout_s",
+        ) from error
+
+
+def accelerator_device() -> torch.device:
+    """The device this rank computes on: its GPU under NCCL, the CPU under gloo."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
 
 
 def shutdown_distributed() -> None:

@@ -30,9 +30,13 @@ class TaskRows:
     collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """Collate the rows at `indices` into model inputs."""
+        """Collate the rows at `indices` into model inputs on the accelerator this rank uses."""
+        from cl_scale.distributed import accelerator_device
+
         features = self.rows.select(indices)
-        return self.collate([{k: v for k, v in row.items() if k != "id"} for row in features])
+        batch = self.collate([{k: v for k, v in row.items() if k != "id"} for row in features])
+        device = accelerator_device()
+        return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def prepare_task(

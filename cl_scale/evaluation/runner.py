@@ -1,0 +1,338 @@
+"""`cl-scale eval`, `cl-scale eval --compare` and `cl-scale generate` on a finished (or partly finished) run.
+
+Every rank runs the same code (generation and gate forwards are collective under ZeRO-3); only rank 0
+prints and writes. Stage results are written only from full test sets: with `max_examples` the newly
+evaluated cells and the matrix built with them go to `<run>/quick-look/`, never into `stages/` or the
+run's own matrix files, so a quick look can never replace a good result with a partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cl_scale import distributed as dist_utils
+from cl_scale.errors import CLScaleError
+from cl_scale.evaluation.metrics import Metrics
+
+QUICK_LOOK = "quick-look"
+"""Folder of a run that receives `--max-examples` results."""
+
+_NAMES = {
+    "gainlora": "GainLoRA", "inflora": "InfLoRA", "olora": "O-LoRA",
+    "nlora": "N-LoRA", "inclora": "IncLoRA", "seqlora": "SeqLoRA",
+}
+
+
+@dataclass
+class RunReport:
+    """What evaluating one run gave: its matrix over the finished stages, metrics and diagnostics."""
+
+    path: Path
+    label: str
+    order: str
+    tasks: list[str]
+    matrix: list[list[float | None]]
+    metrics: Metrics
+    diagnostics: dict[str, Any]
+    written_to: Path
+
+
+def method_label(method_cfg: Any) -> str:
+    """The method as papers name it; GainLoRA names its branch method too, e.g. "GainLoRA (InfLoRA)"."""
+    name = _NAMES[method_cfg.name]
+    return f"{name} ({_NAMES[method_cfg.branch]})" if method_cfg.name == "gainlora" else name
+
+
+def order_label(run: Any) -> str:
+    """The run's named task order, or its tasks in order when the recipe listed them."""
+    return run.manifest.get("order") or " → ".join(run.tasks)
+
+
+def _open(run_dir: Path) -> tuple[Any, Any]:
+    """The run directory and the recipe it was trained with (clear errors for anything else)."""
+    from cl_scale.recipe import load_recipe
+    from cl_scale.rundir import open_run
+
+    run = open_run(Path(run_dir))
+    return run, load_recipe(run.path / "recipe.yaml")
+
+
+@contextmanager
+def _process_group(recipe: Any) -> Iterator[None]:
+    """A process group for the duration (a world of one without a launcher), closed if we opened it."""
+    owns_group = not dist_utils.is_distributed()
+    dist_utils.init_distributed(recipe.train.collective_timeout_s)
+    try:
+        yield
+    finally:
+        if owns_group:
+            dist_utils.shutdown_distributed()
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(quiet=not dist_utils.is_main())
+
+
+def _cache_dir() -> Path:
+    from cl_scale.modeling.builtin import cache_root
+
+    return cache_root() / "tokenized"
+
+
+def _plan(run: Any, recipe: Any, stages: int) -> dict[int, list[str]]:
+    """Check the stored predictions against the test sets, then list the cells to evaluate."""
+    from cl_scale.data.tasks import load_task
+    from cl_scale.evaluation.cells import check_stored_predictions, missing_cells
+
+    seed = recipe.train.seed
+    sizes = {task: len(load_task(recipe.data, task, "test", seed=seed)) for task in run.tasks[:stages]}
+    check_stored_predictions(run, stages, sizes)
+    return missing_cells(run, stages)
+
+
+def _gate_matrix(stage: Any, recipe: Any, tasks: list[str]) -> list[list[float]]:
+    """Mean coefficient of each gate on each task's whole test set (cheap: no generation)."""
+    from cl_scale.data.pipeline import prepare_task
+    from cl_scale.evaluation.diagnostics import gate_matrix
+    from cl_scale.evaluation.gates import gate_coefficients
+
+    coefs = {}
+    for index, task in enumerate(tasks):
+        rows = prepare_task(
+            recipe, stage.tokenizer, stage.kind, task, "test", prompts_only=True, cache_dir=_cache_dir()
+        )
+        coefs[index] = gate_coefficients(stage.model, rows, batch_size=recipe.eval.batch_size)
+    return gate_matrix(coefs)
+
+
+def _evaluate_stage(
+    run: Any, recipe: Any, index: int, tasks: list[str], *, max_examples: int | None, with_gates: bool, progress: Any
+) -> tuple[dict[str, Any], list[list[float]] | None]:
+    """TaskResults of `tasks` after stage `index`, and the gate matrix if asked; the model is freed on return."""
+    from cl_scale.evaluation.generation import evaluate_task
+    from cl_scale.evaluation.stage_model import load_stage_model
+
+    results = {}
+    with load_stage_model(recipe, run, index) as stage:
+        for task in tasks:
+            results[task] = evaluate_task(
+                stage.model, recipe, stage.tokenizer, stage.kind, task,
+                cache_dir=_cache_dir(), max_examples=max_examples,
+            )
+            progress(f"after stage {index + 1}, {task}: {results[task].metric} {results[task].score:.2f}")
+        gates = _gate_matrix(stage, recipe, run.tasks[: index + 1]) if with_gates else None
+    return results, gates
+
+
+def _diagnostics(run: Any, recipe: Any, stages: int, gates: list[list[float]] | None) -> dict[str, Any]:
+    """diagnostics.json: branch numbers of the last finished stage (None with one branch) and the gate matrix."""
+    from cl_scale.continual_state import SNAPSHOT
+    from cl_scale.evaluation.run_diagnostics import run_branch_diagnostics
+
+    branches = run_branch_diagnostics(run.stage_dir(stages - 1) / SNAPSHOT, recipe.method)
+    return {
+        "stages": stages,
+        "tasks": run.tasks[:stages],
+        "branches": None if branches is None else branches.as_dict(),
+        "gates": gates,
+    }
+
+
+def _finish(
+    run: Any, recipe: Any, stages: int, out: Path, filled: dict[tuple[int, str], float],
+    stored: dict[str, Any] | None, gates: list[list[float]] | None,
+) -> RunReport:
+    """Rank 0: the matrix with the new cells, its metrics and files, and the diagnostics."""
+    from cl_scale.evaluation.metrics import compute_metrics
+    from cl_scale.evaluation.report import write_matrix_files
+    from cl_scale.evaluation.run_diagnostics import write_diagnostics
+    from cl_scale.evaluation.stage_scores import run_matrix
+
+    tasks = run.tasks[:stages]
+    matrix = run_matrix(run, stages)
+    for (index, task), score in filled.items():
+        matrix[index][tasks.index(task)] = score
+    metrics = compute_metrics(matrix)
+    write_matrix_files(out, matrix, tasks, metrics)
+    diagnostics = stored
+    if diagnostics is None:
+        diagnostics = _diagnostics(run, recipe, stages, gates)
+        write_diagnostics(run.path, diagnostics)
+    return RunReport(run.path, method_label(recipe.method), order_label(run), tasks, matrix, metrics, diagnostics, out)
+
+
+def _progress_bar(console: Any, total: int) -> Any:
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, disable=not dist_utils.is_main() or total == 0,
+    )
+
+
+def _evaluate(run: Any, recipe: Any, max_examples: int | None, console: Any) -> RunReport:
+    """Fill the missing cells of one run (collective) and return its report (the same on every rank)."""
+    from cl_scale.evaluation.cells import finished_prefix, write_stage_results
+    from cl_scale.evaluation.run_diagnostics import read_diagnostics
+
+    stages = finished_prefix(run)
+    if stages == 0:
+        raise CLScaleError(
+            f"{run.path} has no finished stage to evaluate",
+            f"finish at least one stage: cl-scale train {run.path / 'recipe.yaml'} --run-dir {run.path} --resume",
+        )
+    missing = dist_utils.run_on_main(_plan, run, recipe, stages)
+    out = run.path if max_examples is None else run.path / QUICK_LOOK
+    if max_examples is not None:
+        dist_utils.run_on_main(shutil.rmtree, out, ignore_errors=True)
+    stored = dist_utils.run_on_main(read_diagnostics, run.path, stages)
+    need_gates = recipe.method.name == "gainlora" and stored is None
+    loads = sorted(set(missing) | ({stages - 1} if need_gates else set()))
+    filled: dict[tuple[int, str], float] = {}
+    gates = None
+    total = sum(map(len, missing.values()))
+    with _progress_bar(console, total) as progress:
+        bar = progress.add_task("evaluate", total=total)
+
+        def advance(line: str) -> None:
+            progress.advance(bar)
+            console.print(line)
+
+        for index in loads:
+            results, stage_gates = _evaluate_stage(
+                run, recipe, index, missing.get(index, []), max_examples=max_examples,
+                with_gates=need_gates and index == stages - 1, progress=advance,
+            )
+            if stage_gates is not None:
+                gates = stage_gates
+            stage_out = out / run.stage_dir(index).relative_to(run.path)
+            dist_utils.run_on_main(write_stage_results, stage_out, results)
+            filled.update({(index, task): result.score for task, result in results.items()})
+    return dist_utils.run_on_main(_finish, run, recipe, stages, out, filled, stored, gates)
+
+
+def _print_report(console: Any, report: RunReport, max_examples: int | None) -> None:
+    from cl_scale.evaluation.diagnostics import diagnostics_table, gate_table
+    from cl_scale.evaluation.report import matrix_table
+    from cl_scale.evaluation.run_diagnostics import branch_diagnostics_from_dict
+
+    console.print(matrix_table(report.matrix, report.tasks, report.metrics))
+    branches, gates = report.diagnostics.get("branches"), report.diagnostics.get("gates")
+    if branches is None:
+        console.print("branch diagnostics: none, the run has a single LoRA branch (SeqLoRA, or one finished stage)")
+    else:
+        console.print(diagnostics_table(branch_diagnostics_from_dict(branches)))
+    if gates is not None:
+        console.print(gate_table(gates, report.tasks))
+    if max_examples is not None:
+        console.print(
+            f"quick look: cells evaluated now used at most {max_examples} test examples per task; "
+            "stage results and the run's matrix files are unchanged"
+        )
+    console.print(f"matrix files: {report.written_to}")
+
+
+def evaluate_run(run_dir: Path, *, max_examples: int | None = None) -> RunReport:
+    """Fill every missing cell of a run's matrix, print the matrix, metrics and diagnostics, write the files."""
+    run, recipe = _open(run_dir)
+    with _process_group(recipe):
+        console = _console()
+        report = _evaluate(run, recipe, max_examples, console)
+        _print_report(console, report, max_examples)
+    return report
+
+
+def compare_runs(run_dirs: Sequence[Path], *, max_examples: int | None = None) -> list[RunReport]:
+    """Evaluate each run as needed, then print them side by side: methods as rows, task orders as columns."""
+    from cl_scale.evaluation.report import compare_table, metrics_caption
+
+    opened = [_open(path) for path in run_dirs]
+    with _process_group(opened[0][1]):
+        console = _console()
+        reports = [_evaluate(run, recipe, max_examples, console) for run, recipe in opened]
+        for report in reports:
+            console.print(f"{report.label} on {report.order}: {metrics_caption(report.metrics)}  ({report.path})")
+        console.print(
+            compare_table([{"method": r.label, "order": r.order, "metrics": r.metrics.as_dict()} for r in reports])
+        )
+    return reports
+
+
+def _shorten(text: str, width: int = 120) -> str:
+    """The end of a long prompt, where the input and the answer cue are."""
+    return text if len(text) <= width else "…" + text[-width:]
+
+
+def _print_answers(prompts: list[str], answers: list[str], gates: dict[str, list[float]] | None) -> None:
+    """A table on a terminal; one JSON object per prompt otherwise (for pipes and files)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    rows = [
+        {"prompt": p, "answer": a, **({} if gates is None else {"gates": {t: c[i] for t, c in gates.items()}})}
+        for i, (p, a) in enumerate(zip(prompts, answers))
+    ]
+    if not console.is_terminal:
+        sys.stdout.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        return
+    table = Table(title="Answers" + ("" if gates is None else " and gate coefficients"))
+    for name in ("#", "prompt", "answer", *(f"gate {t}" for t in gates or {})):
+        table.add_column(name, justify="right" if name.startswith("gate") else "left")
+    for number, row in enumerate(rows, 1):
+        coefs = [f"{v:.3f}" for v in row.get("gates", {}).values()]
+        table.add_row(str(number), _shorten(row["prompt"]), row["answer"], *coefs)
+    console.print(table)
+
+
+def _answer(
+    run: Any, recipe: Any, index: int, prompts: list[str]
+) -> tuple[list[str], dict[str, list[float]] | None, bool]:
+    """Answers to `prompts` after stage `index`, each task's gate coefficients (GainLoRA), and whether on rank 0."""
+    from cl_scale.evaluation.gates import gate_coefficients, is_gated
+    from cl_scale.evaluation.generation import generate_texts
+    from cl_scale.evaluation.stage_model import load_stage_model
+    from cl_scale.evaluation.user_prompts import prompt_rows
+
+    batch = recipe.eval.batch_size
+    with _process_group(recipe), load_stage_model(recipe, run, index) as loaded:
+        rows = prompt_rows(prompts, loaded.tokenizer, loaded.kind, recipe)
+        answers = generate_texts(
+            loaded.model, rows, loaded.tokenizer, batch_size=batch, max_new_tokens=recipe.eval.max_new_tokens
+        )
+        coefs = gate_coefficients(loaded.model, rows, batch_size=batch) if is_gated(loaded.model) else None
+        main = dist_utils.is_main()
+    gates = None if coefs is None else {task: coefs[:, i].tolist() for i, task in enumerate(run.tasks[: index + 1])}
+    return answers, gates, main
+
+
+def generate_cli(run_dir: Path, *, stage: int | None, input_path: Path | None, prompt: str | None) -> None:
+    """Answer prompts with the model after stage K (default: the last finished), no task id; GainLoRA's gates shown."""
+    from cl_scale.evaluation.cells import finished_prefix
+    from cl_scale.evaluation.user_prompts import read_prompts
+
+    run, recipe = _open(run_dir)
+    finished = finished_prefix(run)
+    index = (finished if stage is None else stage) - 1
+    if not 0 <= index < finished:
+        raise CLScaleError(
+            f"{run.path} has {finished} finished stage(s); stage {index + 1} cannot be used",
+            f"pick --stage between 1 and {finished}" if finished else "finish a stage first (cl-scale train --resume)",
+        )
+    prompts = read_prompts(input_path, prompt, recipe, run.tasks)
+    with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the answers on stdout
+        answers, gates, main = _answer(run, recipe, index, prompts)
+    if main:
+        _print_answers(prompts, answers, gates)
