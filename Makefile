@@ -27,5 +27,12 @@ test: install
 test-multirank: install
 	$(PY) -m pytest -q -m multirank
 
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+
+# A real one-node Slurm cluster on this machine (Debian packages, root needed); see slurm/README.md.
+test-slurm: install
+	dpkg -s $(SLURM_PACKAGES) >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(SLURM_PACKAGES); }
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slurm tests/test_slurm.py
+
 clean:
 	rm -rf runs .pytest_cache

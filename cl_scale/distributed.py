@@ -121,7 +121,7 @@ class ZeroAccess:
 
         for param, value in zip(params, values, strict=True):
             if param.requires_grad:
-                safe_set_full_fp32_param(param, value.to(torch.float32))
+                safe_set_full_fp32_param(param, value.to(device=param.device, dtype=torch.float32))
             if not hasattr(param, "ds_id"):  # ZeRO-1/2: every rank holds the whole working copy
                 LocalAccess().write([param], [value])
                 continue

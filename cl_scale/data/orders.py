@@ -52,7 +52,7 @@ ORDERS: dict[str, list[str]] = {
     "standard_order2": ["dbpedia", "amazon", "agnews", "yahoo"],
     "standard_order3": ["yahoo", "amazon", "agnews", "dbpedia"],
     # Shared-input synthetic tasks: each one overwrites what the previous taught, so forgetting shows.
-    "synthetic_demo": ["reverse", "sort", "last", "upper", "count"],
+    "synthetic_demo": ["first", "reverse", "last", "sort"],
 }
 
 

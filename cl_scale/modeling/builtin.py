@@ -37,8 +37,8 @@ class BuiltinSpec:
 
 
 BUILTINS: dict[str, BuiltinSpec] = {
-    "tiny-llama": BuiltinSpec("causal", 2, 400, 128, 4, 4, 600, 32, 2e-3),
-    "tiny-t5": BuiltinSpec("seq2seq", 1, 400, 128, 3, 4, 600, 32, 2e-3),
+    "tiny-llama": BuiltinSpec("causal", 3, 400, 128, 4, 4, 1500, 16, 3e-3),
+    "tiny-t5": BuiltinSpec("seq2seq", 2, 400, 128, 3, 4, 1500, 16, 3e-3),
 }
 
 
@@ -109,15 +109,17 @@ def _pretrain(model, tokenizer, mixture, spec: BuiltinSpec) -> None:
     else:
         rows = tokenize_seq2seq(mixture, tokenizer, max_source_length=128, max_target_length=32)
         collate = Seq2SeqCollator(tokenizer.pad_token_id)
+    columns = {name: rows[name] for name in rows.column_names if name != "id"}
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=spec.pretrain_lr, total_steps=spec.pretrain_steps)
     model.train()
-    for step in range(spec.pretrain_steps):
+    for _ in range(spec.pretrain_steps):
         index = torch.randint(len(rows), (spec.pretrain_batch,), generator=generator).tolist()
-        batch = collate([rows[i] for i in index])
+        batch = collate([{name: values[i] for name, values in columns.items()} for i in index])
         batch.pop("prompt_mask")
-        loss = model(**batch).loss
-        loss.backward()
+        model(**batch).loss.backward()
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad()
     model.eval()
