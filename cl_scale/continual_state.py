@@ -40,8 +40,6 @@ def build_state(recipe: Any, ds_config: dict[str, Any] | None, num_tasks: int) -
     dist_utils.run_on_main(model_dir, recipe.model)  # builds a built-in model once, before the others load it
     tokenizer = load_tokenizer(recipe.model)
     loaded = load_base_model(recipe.model, ds_config, tokenizer.pad_token_id)
-    if recipe.train.gradient_checkpointing:
-        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     method_cfg = recipe.method
     model = ContinualModel(
         loaded.model,

@@ -2,13 +2,14 @@
 
 Per stage: grow the method's branch/gate, build a fresh engine over exactly the trainable parameters,
 let the method run its data passes, train the epochs, let it extend its bases, snapshot, evaluate the
-tasks seen so far, record the stage, tear the engine down. Every rank runs the same code; only rank 0
-prints and writes.
+tasks seen so far, tear the engine down, record the stage. Every rank runs the same code; only rank 0
+prints and writes. Each stage seeds the global RNG (dropout) itself, so a resumed stage repeats an
+uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
-import json
+import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from cl_scale import distributed as dist_utils
 from cl_scale.distributed import ZeroAccess
 from cl_scale.errors import CLScaleError
+from cl_scale.training_log import TensorBoard, open_tensorboard, require_tensorboard, resident_memory_mb, step_record
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Session:
     ds_config: dict[str, Any]
     cache_dir: Path
     console: Any
+    tensorboard: TensorBoard | None
 
     @property
     def model(self) -> Any:
@@ -79,21 +82,27 @@ def run_training(recipe: Any, *, resume: bool, run_dir: str | Path | None, allow
     from cl_scale.data.orders import resolve_tasks
     from cl_scale.ds_config import build_ds_config
 
+    require_tensorboard(recipe)
     datasets.disable_progress_bars()
     owns_group = not dist_utils.is_distributed()
-    dist_utils.init_distributed(recipe.train.collective_timeout_s)
+    timeout = recipe.train.collective_timeout_s
+    dist_utils.init_distributed(timeout)
+    session: Session | None = None
     try:
-        tasks = resolve_tasks(recipe.data.order, recipe.data.tasks)
-        ds_config = build_ds_config(recipe, dist_utils.world_size())
-        path = Path(run_dir) if run_dir is not None else Path(recipe.output.dir) / recipe.name
-        run = _open_run_dir(recipe, path, tasks, resume=resume, allow_changed_recipe=allow_changed_recipe)
-        session = _start_session(recipe, run, tasks, ds_config)
-        start = _restore(session)
-        for index in range(start, len(tasks)):
-            _train_stage(session, index)
-        _final_report(session)
+        with dist_utils.explain_collective_failures(timeout):
+            tasks = resolve_tasks(recipe.data.order, recipe.data.tasks)
+            ds_config = build_ds_config(recipe, dist_utils.world_size())
+            path = Path(run_dir) if run_dir is not None else Path(recipe.output.dir) / recipe.name
+            run = _open_run_dir(recipe, path, tasks, resume=resume, allow_changed_recipe=allow_changed_recipe)
+            session = _start_session(recipe, run, tasks, ds_config)
+            start = _restore(session)
+            for index in range(start, len(tasks)):
+                _train_stage(session, index)
+            _final_report(session)
         return path
     finally:
+        if session is not None and session.tensorboard is not None:
+            session.tensorboard.close()
         if owns_group:
             dist_utils.shutdown_distributed()
 
@@ -163,8 +172,27 @@ def _start_session(recipe: Any, run: Any, tasks: list[str], ds_config: dict[str,
 
     console = Console(quiet=not dist_utils.is_main())
     state = build_state(recipe, ds_config, len(tasks))
+    if recipe.train.gradient_checkpointing:
+        _enable_gradient_checkpointing(state.model.base)
     return Session(recipe=recipe, run=run, tasks=tasks, state=state, ds_config=ds_config,
-                   cache_dir=cache_root() / "tokenized", console=console)
+                   cache_dir=cache_root() / "tokenized", console=console,
+                   tensorboard=open_tensorboard(recipe, run.path))
+
+
+def _enable_gradient_checkpointing(base: Any) -> None:
+    """Checkpoint every transformer block in the one form that works with a frozen base under ZeRO-3.
+
+    Non-reentrant, because the reentrant form passes no gradient to the branches of a block whose
+    inputs do not require grad, and back-propagates GainLoRA's gate graph once per block (every block
+    reads the gate coefficients from outside its inputs), which fails on the second block.
+    `determinism_check="none"`, because ZeRO-3 (deepspeed 0.19.8) re-partitions a frozen weight when the
+    recompute's forward hooks fire, so torch's recompute check sees shape [0] for a weight that
+    DeepSpeed gathers again before the backward uses it (huggingface/transformers#47254). The tests
+    compare losses, gradient norms and snapshots with and without checkpointing on 2 ranks.
+    """
+    base.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "determinism_check": "none"}
+    )
 
 
 def _restore(session: Session) -> int:
@@ -186,14 +214,14 @@ def _lr_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def _parameter_counts(model: Any, trainable: list[torch.nn.Parameter]) -> dict[str, int]:
-    """Total, trainable and this rank's resident parameter counts (partitions under ZeRO-3)."""
+def _parameter_counts(model: Any, trainable: list[torch.nn.Parameter]) -> dict[str, Any]:
+    """Total, trainable and every rank's resident parameter counts (partitions under ZeRO-3). Collective."""
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     resident = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
     return {
         "total": total,
         "trainable": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
-        "resident_this_rank": resident,
+        "resident_per_rank": [int(n) for n in dist_utils.per_rank(resident)],
     }
 
 
@@ -206,48 +234,72 @@ def _progress(console: Any) -> Any:
     )
 
 
+@dataclass
+class StageOutcome:
+    """What a stage's engine produced, kept (on CPU) after the engine is gone."""
+
+    snapshot: dict[str, torch.Tensor]
+    log: list[dict[str, Any]]
+    results: dict[str, Any]
+    counts: dict[str, Any]
+
+
 def _train_stage(session: Session, index: int) -> None:
-    import deepspeed
-
-    from cl_scale.continual_state import stage_generator
     from cl_scale.data.pipeline import prepare_task
-    from cl_scale.sharding import training_batches
 
-    recipe, task, console = session.recipe, session.tasks[index], session.console
-    console.rule(f"[bold]stage {index + 1}/{len(session.tasks)}: {task}")
+    recipe, task = session.recipe, session.tasks[index]
+    session.console.rule(f"[bold]stage {index + 1}/{len(session.tasks)}: {task}")
+    torch.manual_seed(recipe.train.seed + index)  # dropout: a resumed stage draws what an uninterrupted one does
     train_rows = dist_utils.main_first(
         prepare_task, recipe, session.state.tokenizer, session.state.kind, task, "train", prompts_only=False,
         cache_dir=session.cache_dir,
     )
+    outcome = _run_engine(session, index, train_rows)
+    gc.collect()  # measured once the engine is gone, so growth from stage to stage is what engines leave behind
+    rss = resident_memory_mb()
+    memory = None if rss is None else [round(m, 1) for m in dist_utils.per_rank(rss)]
+    dist_utils.run_on_main(_commit_stage, session, index, outcome, memory)
+    if outcome.results:
+        if session.tensorboard is not None:
+            session.tensorboard.log_scores({t: r.score for t, r in outcome.results.items()}, index + 1)
+        _print_matrix(session)
+
+
+def _run_engine(session: Session, index: int, train_rows: Any) -> StageOutcome:
+    """Everything that needs stage `index`'s DeepSpeed engine, which is torn down on every exit path."""
+    import deepspeed
+
+    from cl_scale.continual_state import stage_generator
+
+    recipe = session.recipe
     session.method.grow(index, stage_generator(recipe, index))
     trainable = session.method.trainable_parameters(index)
     optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe.train.warmup_steps))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, _, _, _ = deepspeed.initialize(
         model=session.model, optimizer=optimizer, lr_scheduler=scheduler, config=session.ds_config
     )
-    counts = _parameter_counts(session.model, trainable)
-    console.print(
-        f"parameters: total {counts['total']:,}  trainable {counts['trainable']:,}  "
-        f"resident on rank 0 {counts['resident_this_rank']:,}  ({dist_utils.world_size()} rank(s))"
-    )
-    runner = StageRunner(index, len(session.tasks), ZeroAccess(), engine, train_rows, recipe.train.per_device_batch)
     try:
+        counts = _parameter_counts(session.model, trainable)
+        session.console.print(
+            f"parameters: total {counts['total']:,}  trainable {counts['trainable']:,}  "
+            f"resident per rank {', '.join(f'{n:,}' for n in counts['resident_per_rank'])}"
+        )
+        runner = StageRunner(index, len(session.tasks), ZeroAccess(), engine, train_rows, recipe.train.per_device_batch)
         session.method.before_task(runner)
-        log = _train_epochs(session, engine, runner, task, training_batches)
+        log = _train_epochs(session, engine, runner)
         session.method.after_task(runner)
         snapshot = _snapshot(session)
         dist_utils.restart_zero_trace(engine)
-        results = _evaluate_stage(session, index)
-        dist_utils.run_on_main(_commit_stage, session, index, snapshot, log, results, counts)
+        return StageOutcome(snapshot, log, _evaluate_stage(session, index), counts)
     finally:
         engine.destroy()
-    if results:
-        _print_matrix(session)
 
 
-def _train_epochs(session: Session, engine: Any, runner: StageRunner, task: str, training_batches: Any) -> list[dict]:
-    recipe = session.recipe
+def _train_epochs(session: Session, engine: Any, runner: StageRunner) -> list[dict[str, Any]]:
+    from cl_scale.sharding import training_batches
+
+    recipe, task = session.recipe, session.tasks[runner.task_index]
     epochs = recipe.train.epochs_per_task.get(task, recipe.train.epochs)
     world, rank = dist_utils.world_size(), dist_utils.rank()
     plans = [
@@ -260,7 +312,9 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner, task: str,
     ]
     accumulation = engine.gradient_accumulation_steps()
     total_steps = sum(len(p) for p in plans) // accumulation
-    log: list[dict] = []
+    # TensorBoard's step offset; rank 0, the one that writes, holds the current manifest
+    earlier_steps = sum(s["steps"] for s in session.run.manifest["stages"] if s["index"] < runner.task_index)
+    log: list[dict[str, Any]] = []
     engine.train()
     dist_utils.restart_zero_trace(engine)
     sums: dict[str, float] = {}
@@ -284,40 +338,21 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner, task: str,
                 if not boundary:
                     continue
                 session.method.after_step(runner)
-                record = _step_record(engine, sums, accumulation, tokens, started, epoch, len(log) + 1)
+                record = step_record(engine, sums, accumulation, tokens, started, epoch, len(log) + 1)
                 log.append(record)
+                if session.tensorboard is not None:
+                    session.tensorboard.log_step(record, earlier_steps + record["step"])
                 sums, tokens, started = {}, 0, time.perf_counter()
                 if len(log) % recipe.train.log_every == 0 or len(log) == total_steps:
                     progress.update(bar, completed=len(log), info=f"loss {record['loss']:.4f}")
     return log
 
 
-def _step_record(engine: Any, sums: dict[str, float], accumulation: int, tokens: int, started: float,
-                 epoch: int, step: int) -> dict[str, Any]:
-    """One optimizer step's log line: every loss term averaged over all ranks' micro-batches."""
-    names = sorted(sums)
-    values = torch.tensor([sums[n] for n in names] + [float(tokens)], dtype=torch.float64)
-    dist_utils.all_reduce_sum(values)
-    micro_batches = accumulation * dist_utils.world_size()
-    terms = {n: values[i].item() / micro_batches for i, n in enumerate(names)}
-    grad_norm = engine.get_global_grad_norm()
-    elapsed = max(time.perf_counter() - started, 1e-9)
-    return {
-        "step": step,
-        "epoch": epoch,
-        "loss": sum(terms.values()),
-        **{f"loss_{n}": v for n, v in terms.items()},
-        "lr": engine.get_lr()[0],
-        "grad_norm": None if grad_norm is None else float(grad_norm),
-        "tokens_per_s": values[-1].item() / elapsed,
-    }
-
-
 def _snapshot(session: Session) -> dict[str, torch.Tensor]:
-    """Full values of every branch and gate parameter (collective: all ranks call it)."""
+    """Full values of every branch and gate parameter as the model computes with them. Collective."""
     params = session.model.branch_parameters()
     names = sorted(params)
-    values = ZeroAccess().read([params[n] for n in names])
+    values = ZeroAccess().read_working([params[n] for n in names])
     return {n: v.contiguous() for n, v in zip(names, values)}
 
 
@@ -346,7 +381,8 @@ def _evaluate_stage(session: Session, index: int) -> dict[str, Any]:
     return results
 
 
-def _commit_stage(session: Session, index: int, snapshot: dict, log: list[dict], results: dict, counts: dict) -> None:
+def _commit_stage(session: Session, index: int, outcome: StageOutcome, memory: list[float] | None) -> None:
+    """Rank 0: write stage `index` atomically and record it (parameter counts, steps, RSS per rank in MiB)."""
     from safetensors.torch import save_file
 
     from cl_scale import atomic
@@ -356,15 +392,22 @@ def _commit_stage(session: Session, index: int, snapshot: dict, log: list[dict],
     method_state = {k: v.detach().cpu().contiguous() for k, v in session.method.state_tensors().items()}
 
     def write(folder: Path) -> None:
-        atomic.write_with(folder / SNAPSHOT, lambda p: save_file(snapshot, str(p)))
+        atomic.write_with(folder / SNAPSHOT, lambda p: save_file(outcome.snapshot, str(p)))
         atomic.write_with(folder / METHOD_STATE, lambda p: save_file(method_state, str(p)))
-        atomic.write_jsonl(folder / "train_log.jsonl", log)
-        for task, result in results.items():
+        atomic.write_jsonl(folder / "train_log.jsonl", outcome.log)
+        for task, result in outcome.results.items():
             atomic.write_jsonl(folder / "predictions" / f"{task}.jsonl", result.rows)
-        scores = {t: {"metric": r.metric, "score": r.score, "examples": len(r.rows)} for t, r in results.items()}
+        scores = {
+            t: {"metric": r.metric, "score": r.score, "examples": len(r.rows)} for t, r in outcome.results.items()
+        }
         atomic.write_json(folder / SCORES_JSON, scores)
 
-    record = {"parameters": counts, "steps": len(log), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record = {
+        "parameters": outcome.counts,
+        "steps": len(outcome.log),
+        "rss_mb": memory,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     session.run.commit_stage(index, write, record)
 
 

@@ -1,4 +1,5 @@
-"""Helpers for tests that run the real trainer: recipes on tiny models, launches with 1 or 2 ranks."""
+"""Helpers for tests that run the real trainer: recipes on tiny models, launches with 1 or 2 ranks,
+`cl-scale train` processes to interrupt, and readers for what a run directory holds."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "tests" / "multirank" / "train_recipes.py"
+CL_SCALE = Path(sys.executable).parent / "cl-scale"
 
 
 def write_recipe(path: Path, model_dir: Path, **sections: dict[str, Any]) -> Path:
@@ -34,7 +40,12 @@ def write_recipe(path: Path, model_dir: Path, **sections: dict[str, Any]) -> Pat
     return path
 
 
-def _free_port() -> int:
+def environment(cache: Path, **extra: str) -> dict[str, str]:
+    """The environment of a trainer process: its own cache, unbuffered output, one thread per rank."""
+    return {**os.environ, "CL_SCALE_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -47,9 +58,8 @@ def launch(pairs: list[tuple[Path, Path]], *, ranks: int, cache: Path, timeout: 
         command = [sys.executable, str(TRAIN_SCRIPT), *args]
     else:
         launcher = Path(sys.executable).parent / "deepspeed"
-        command = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(TRAIN_SCRIPT), *args]
-    env = {**os.environ, "CL_SCALE_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        command = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(TRAIN_SCRIPT), *args]
+    result = subprocess.run(command, cwd=REPO, env=environment(cache), capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(f"launch with {ranks} rank(s) failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
@@ -58,3 +68,43 @@ def launch(pairs: list[tuple[Path, Path]], *, ranks: int, cache: Path, timeout: 
 def train_log(run_dir: Path, stage: str) -> list[dict[str, Any]]:
     path = run_dir / "stages" / stage / "train_log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def start_train(args: list[str], *, cache: Path, log: Path, **env: str) -> subprocess.Popen:
+    """`cl-scale train ARGS` in a process group of its own (so it can be signalled whole); output into `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [str(CL_SCALE), "train", *args], cwd=REPO, env=environment(cache, **env),
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def run_train(args: list[str], *, cache: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`cl-scale train ARGS` to completion; the caller checks the exit code."""
+    command = [str(CL_SCALE), "train", *args]
+    return subprocess.run(command, cwd=REPO, env=environment(cache), capture_output=True, text=True, timeout=timeout)
+
+
+def wait_until(condition: Callable[[], bool], *, what: str, timeout: float = 300) -> None:
+    """Poll `condition` until it holds; fail naming `what` if it never does."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def manifest(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def finished_stages(run_dir: Path) -> list[int]:
+    """Indices of the stages the manifest lists ([] before the run directory exists)."""
+    if not (run_dir / "manifest.json").is_file():
+        return []
+    return [stage["index"] for stage in manifest(run_dir)["stages"]]
+
+
+def stage_tensors(run_dir: Path, stage: str, name: str = "snapshot") -> dict[str, torch.Tensor]:
+    """A stage's `snapshot` (branches and gates) or `method` (bases) tensors."""
+    return load_file(str(run_dir / "stages" / stage / f"{name}.safetensors"))

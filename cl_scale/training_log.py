@@ -1,0 +1,96 @@
+"""What a run records about its training besides the snapshots: step records, TensorBoard, memory.
+
+The per-step JSONL log written with each stage is the record of truth; TensorBoard (`train.tensorboard`)
+is an optional live view of the same numbers, written by rank 0 into `<run>/tensorboard`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cl_scale import distributed as dist_utils
+from cl_scale.errors import CLScaleError
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def step_record(engine: Any, sums: dict[str, float], accumulation: int, tokens: int, started: float,
+                epoch: int, step: int) -> dict[str, Any]:
+    """One optimizer step's log line: every loss term averaged over all ranks' micro-batches.
+
+    Collective (the sums are reduced over ranks), so every rank calls it at every step.
+    """
+    names = sorted(sums)
+    values = torch.tensor([sums[n] for n in names] + [float(tokens)], dtype=torch.float64)
+    dist_utils.all_reduce_sum(values)
+    micro_batches = accumulation * dist_utils.world_size()
+    terms = {n: values[i].item() / micro_batches for i, n in enumerate(names)}
+    grad_norm = engine.get_global_grad_norm()
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    return {
+        "step": step,
+        "epoch": epoch,
+        "loss": sum(terms.values()),
+        **{f"loss_{n}": v for n, v in terms.items()},
+        "lr": engine.get_lr()[0],
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "tokens_per_s": values[-1].item() / elapsed,
+    }
+
+
+def require_tensorboard(recipe: Any) -> None:
+    """Fail before any work when TensorBoard output is asked for and the package is missing.
+
+    Checked on every rank (same environment everywhere), so no rank waits for one that gave up.
+    """
+    if recipe.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise CLScaleError(
+            "train.tensorboard is true but the tensorboard package is not installed",
+            "pip install tensorboard, or set train.tensorboard=false",
+        )
+
+
+class TensorBoard:
+    """Rank 0's SummaryWriter: step scalars on one global step axis across stages, scores per stage."""
+
+    def __init__(self, run_path: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_path / TENSORBOARD_DIR))
+
+    def log_step(self, record: dict[str, Any], global_step: int) -> None:
+        for key, value in record.items():
+            if key not in ("step", "epoch") and value is not None:
+                self.writer.add_scalar(f"train/{key}", value, global_step)
+
+    def log_scores(self, scores: dict[str, float], stage: int) -> None:
+        for task, score in scores.items():
+            self.writer.add_scalar(f"eval/{task}", score, stage)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def open_tensorboard(recipe: Any, run_path: Path) -> TensorBoard | None:
+    """The writer on rank 0 when `train.tensorboard` is on (after `require_tensorboard`); None elsewhere."""
+    if not (recipe.train.tensorboard and dist_utils.is_main()):
+        return None
+    return TensorBoard(run_path)
+
+
+def resident_memory_mb() -> float | None:
+    """This process's resident set size in MiB (Linux /proc), None where the kernel does not tell."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return None
