@@ -60,10 +60,14 @@ class RunDir:
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
-        write(partial)
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
+        try:
+            write(partial)
+            if final.exists():
+                shutil.rmtree(final)
+            partial.rename(final)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         self.manifest["stages"] = [s for s in self.manifest["stages"] if s["index"] != index]
         self.manifest["stages"].append({"index": index, "task": self.tasks[index], **record})
         self.manifest["stages"].sort(key=lambda s: s["index"])

@@ -37,7 +37,9 @@ def with_eager_gradient(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor)
         with torch.no_grad():
             return fn(*tensors)
     leaves = [tensor.detach().requires_grad_(need) for tensor, need in zip(tensors, needs, strict=True)]
-    with torch.enable_grad():
+    # Identity hooks keep this small local graph out of activation checkpointing: inside a checkpointed
+    # block, unpacking a saved tensor for `autograd.grad` would otherwise re-run the whole block.
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         value = fn(*leaves)
         if not value.requires_grad:
             return value
