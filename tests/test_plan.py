@@ -164,8 +164,9 @@ def test_builtin_tiny_llama_is_counted_without_building_it(tmp_path: Path, monke
     pytest.importorskip("cl_scale.modeling.builtin", reason="built-in models not in this tree")
     monkeypatch.setenv("CL_SCALE_CACHE", str(tmp_path / "cache"))
     plan = plan_of(load_recipe(RECIPES / "demo.yaml"))
-    # builtin:tiny-llama is 4 layers of width 128; the demo runs GainLoRA(InfLoRA) at rank 4.
-    assert plan.tasks[0].trainable == 4 * 2 * 128 * 4 + (100 * 128 + 128 * 100 + 128)
+    # builtin:tiny-llama is 4 layers of width 128; the demo runs GainLoRA(InfLoRA) at rank 8, gate width 64:
+    # B of q_proj and v_proj in every layer, plus the gate's W1, W2 and key.
+    assert plan.tasks[0].trainable == 4 * 2 * 128 * 8 + (64 * 128 + 128 * 64 + 128)
     assert not (tmp_path / "cache").exists()
 
 
