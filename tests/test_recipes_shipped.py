@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from cl_scale.data.tasks import SYNTHETIC_ROOT, task_info
 from cl_scale.data.benchmark import find_task
 from cl_scale.data.orders import resolve_tasks
 from cl_scale.ds_config import batch_layout, build_ds_config, zero_stage
@@ -46,8 +47,10 @@ def test_shipped_recipe_deepspeed_config_exists(path: Path) -> None:
 @pytest.mark.parametrize("path", SHIPPED, ids=ids(SHIPPED))
 def test_every_task_of_a_shipped_recipe_exists_in_the_benchmark(path: Path) -> None:
     recipe = load(path)
-    if recipe.data.root.startswith("builtin:"):
-        pytest.skip(f"{path.name} uses the built-in task suite {recipe.data.root}")
+    if recipe.data.root == SYNTHETIC_ROOT:
+        for task in resolve_tasks(recipe.data.order, recipe.data.tasks):
+            assert task_info(recipe.data, task).name == task
+        return
     root = REPO / recipe.data.root
     if not root.is_dir():
         pytest.skip(f"benchmark data not present at {root} (CL_Benchmark from the O-LoRA / GainLoRA repositories)")
