@@ -121,11 +121,11 @@ def create_run(path: Path, recipe_yaml: str, manifest: dict[str, Any]) -> RunDir
         if (path / "manifest.json").is_file():
             raise CLScaleError(
                 f"run directory {path} already exists",
-                "add --resume to continue it, or choose another output.name / --run-dir",
+                "add --resume to continue it, or choose another name (--set name=...) or --run-dir",
             )
         raise CLScaleError(
             f"{path} exists, is not empty and is not a cl-scale run directory",
-            "choose another output.name / --run-dir",
+            "choose another name (--set name=...) or --run-dir",
         )
     path.mkdir(parents=True, exist_ok=True)
     atomic.write_text(path / "recipe.yaml", recipe_yaml)

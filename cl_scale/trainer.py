@@ -80,6 +80,7 @@ def run_training(recipe: Any, *, resume: bool, run_dir: str | Path | None, allow
     import datasets
 
     from cl_scale.data.orders import resolve_tasks
+    from cl_scale.data.tasks import check_tasks
     from cl_scale.ds_config import build_ds_config
 
     require_tensorboard(recipe)
@@ -91,6 +92,7 @@ def run_training(recipe: Any, *, resume: bool, run_dir: str | Path | None, allow
     try:
         with dist_utils.explain_collective_failures(timeout):
             tasks = resolve_tasks(recipe.data.order, recipe.data.tasks)
+            check_tasks(recipe.data, tasks)
             ds_config = build_ds_config(recipe, dist_utils.world_size())
             path = Path(run_dir) if run_dir is not None else Path(recipe.output.dir) / recipe.name
             run = _open_run_dir(recipe, path, tasks, resume=resume, allow_changed_recipe=allow_changed_recipe)

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cl_scale.data.tasks import SYNTHETIC_ROOT, load_task, task_info
+from cl_scale.data.tasks import SYNTHETIC_ROOT, check_tasks, load_task, task_info
 from cl_scale.errors import CLScaleError
 
 
@@ -69,3 +69,19 @@ def test_unknown_synthetic_task_is_an_error() -> None:
 
 def test_task_info_names_the_benchmark_of_a_folder_task(bench: Path) -> None:
     assert task_info(data_cfg(str(bench)), "task1_x").benchmark == "SuperNI"
+
+
+def test_check_tasks_names_a_missing_split_file_before_training(bench: Path) -> None:
+    (next(bench.glob("*/*/test.json"))).unlink()
+    task = next(bench.glob("*/*/train.json")).parent.name
+    with pytest.raises(CLScaleError, match=rf"{task}/test\.json is missing"):
+        check_tasks(data_cfg(str(bench)), [task])
+
+
+def test_check_tasks_rejects_an_unknown_task(bench: Path) -> None:
+    with pytest.raises(CLScaleError, match="nope"):
+        check_tasks(data_cfg(str(bench)), ["nope"])
+
+
+def test_check_tasks_accepts_the_builtin_suite() -> None:
+    check_tasks(data_cfg(SYNTHETIC_ROOT), ["first", "sort"])

@@ -6,7 +6,7 @@ from typing import Protocol
 
 from datasets import Dataset
 
-from cl_scale.data.benchmark import TaskInfo, find_task, load_examples
+from cl_scale.data.benchmark import TaskInfo, find_task, load_examples, split_file
 from cl_scale.data.names import unknown_name
 from cl_scale.data.prompts import build_prompt, resolve_template
 from cl_scale.data.synthetic import (
@@ -64,3 +64,20 @@ def load_task(data_cfg: DataConfig, task: str, split: str, *, seed: int) -> Data
     template = resolve_template(data_cfg.template, info.benchmark)
     prompts = [build_prompt(d, x, template) for d, x in zip(ds["definition"], ds["input"])]
     return ds.add_column("prompt", prompts)
+
+
+def check_tasks(data_cfg: DataConfig, tasks: list[str], splits: tuple[str, ...] = ("train", "test")) -> None:
+    """Fail before anything is written if a task is unknown or one of its needed split files is missing."""
+    from cl_scale.errors import CLScaleError
+
+    for task in tasks:
+        info = task_info(data_cfg, task)
+        if info.path is None:
+            continue
+        for split in splits:
+            path = split_file(info, split)
+            if not path.is_file():
+                raise CLScaleError(
+                    f"task {task}: {path} is missing",
+                    "complete the CL_Benchmark copy (public O-LoRA / GainLoRA repositories) or drop the task from the order",
+                )
