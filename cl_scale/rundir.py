@@ -2,8 +2,10 @@
 
     <run>/recipe.yaml                 the resolved recipe, written once
     <run>/manifest.json               format tag, order, world size, global batch, seed, versions, stages
-    <run>/stages/<k>-<task>/          snapshot.safetensors (branches + gates), method.safetensors (bases),
-                                      train_log.jsonl, predictions/<task>.jsonl, scores.json
+    <run>/stages/<k>-<task>/          snapshot.safetensors (branches + gates, working copies),
+                                      method.safetensors (bases), train_log.jsonl,
+                                      predictions/<task>.jsonl, scores.json
+    <run>/matrix.*, metrics.json, heatmap.png, ap_curve.png, diagnostics.json   (cl_scale.evaluation)
 
 A stage is assembled in `stages/.partial-<k>-<task>/` and renamed into place, then recorded in the
 manifest; every file is written atomically. So a crash leaves either a finished stage or nothing
