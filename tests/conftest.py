@@ -83,3 +83,22 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, llama_tokenizer_dir
     config = tiny_llama_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     build_tiny_model(config, seed=0).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory, t5_tokenizer_dir: Path) -> Path:
+    """A saved tiny T5 (random weights, tied embeddings like t5-large) with its sentencepiece tokenizer.
+
+    Tied on purpose: transformers 5.23's ZeRO-3 loader ties an untied T5's head and input embeddings
+    back to `shared`, while its plain loader keeps them apart, so an untied checkpoint would load as two
+    different models.
+    """
+    import shutil
+
+    from cl_scale.modeling.tiny import build_tiny_model, tiny_t5_config
+
+    out = tmp_path_factory.mktemp("tiny_t5")
+    for item in t5_tokenizer_dir.iterdir():
+        shutil.copy(item, out / item.name)
+    build_tiny_model(tiny_t5_config(len(AutoTokenizer.from_pretrained(out))), seed=0).save_pretrained(out)
+    return out
