@@ -389,7 +389,7 @@ def _commit_stage(session: Session, index: int, outcome: StageOutcome, memory: l
 
     from cl_scale import atomic
     from cl_scale.continual_state import METHOD_STATE, SNAPSHOT
-    from cl_scale.evaluation.stage_scores import SCORES_JSON
+    from cl_scale.evaluation.cells import write_stage_results
 
     method_state = {k: v.detach().cpu().contiguous() for k, v in session.method.state_tensors().items()}
 
@@ -397,12 +397,7 @@ def _commit_stage(session: Session, index: int, outcome: StageOutcome, memory: l
         atomic.write_with(folder / SNAPSHOT, lambda p: save_file(outcome.snapshot, str(p)))
         atomic.write_with(folder / METHOD_STATE, lambda p: save_file(method_state, str(p)))
         atomic.write_jsonl(folder / "train_log.jsonl", outcome.log)
-        for task, result in outcome.results.items():
-            atomic.write_jsonl(folder / "predictions" / f"{task}.jsonl", result.rows)
-        scores = {
-            t: {"metric": r.metric, "score": r.score, "examples": len(r.rows)} for t, r in outcome.results.items()
-        }
-        atomic.write_json(folder / SCORES_JSON, scores)
+        write_stage_results(folder, outcome.results)
 
     record = {
         "parameters": outcome.counts,

@@ -50,9 +50,25 @@ def prepare_task(
     cache_dir: Path | None,
 ) -> TaskRows:
     """Load `task`'s `split` and tokenise it: with answers for training, prompts only for generation."""
+    examples = load_task(recipe.data, task, split, seed=recipe.train.seed)
+    return tokenize_examples(recipe, tokenizer, kind, examples, prompts_only=prompts_only, cache_dir=cache_dir)
+
+
+def tokenize_examples(
+    recipe: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    kind: str,
+    examples: Dataset,
+    *,
+    prompts_only: bool,
+    cache_dir: Path | None = None,
+) -> TaskRows:
+    """Tokenise examples (columns id, prompt, and target unless prompts_only) with the recipe's limits."""
     data = recipe.data
-    examples = load_task(data, task, split, seed=recipe.train.seed)
     if kind == "seq2seq":
+        if prompts_only and "target" not in examples.column_names:
+            # The seq2seq tokeniser wants a target; an empty one is dropped with the labels it makes.
+            examples = examples.add_column("target", [""] * len(examples))
         rows = tokenize_seq2seq(
             examples, tokenizer, max_source_length=data.max_source_length,
             max_target_length=data.max_target_length, cache_dir=cache_dir,

@@ -61,17 +61,7 @@ def prompt_rows(prompts: list[str], tokenizer: Any, kind: str, recipe: Any) -> A
     """TaskRows of bare prompts, tokenised and truncated exactly like test prompts (no references)."""
     from datasets import Dataset
 
-    from cl_scale.data.collators import CausalCollator, Seq2SeqCollator, tokenize_causal_prompts, tokenize_seq2seq
-    from cl_scale.data.pipeline import TaskRows
+    from cl_scale.data.pipeline import tokenize_examples
 
-    data = recipe.data
     examples = Dataset.from_dict({"id": [f"input-{i}" for i in range(len(prompts))], "prompt": prompts})
-    if kind == "seq2seq":
-        # The seq2seq tokeniser wants a target; an empty one is dropped with the labels it makes.
-        rows = tokenize_seq2seq(
-            examples.add_column("target", [""] * len(prompts)), tokenizer,
-            max_source_length=data.max_source_length, max_target_length=data.max_target_length,
-        ).remove_columns("labels")
-        return TaskRows(examples, rows, Seq2SeqCollator(tokenizer.pad_token_id))
-    rows = tokenize_causal_prompts(examples, tokenizer, max_source_length=data.max_source_length)
-    return TaskRows(examples, rows, CausalCollator(tokenizer.pad_token_id))
+    return tokenize_examples(recipe, tokenizer, kind, examples, prompts_only=True)
