@@ -319,8 +319,8 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner) -> list[di
     log: list[dict[str, Any]] = []
     engine.train()
     dist_utils.restart_zero_trace(engine)
-    sums: dict[str, float] = {}
-    tokens = 0
+    sums: dict[str, torch.Tensor] = {}  # detached device tensors: no host sync per micro-batch
+    tokens = torch.zeros((), dtype=torch.float64, device=dist_utils.accelerator_device())
     started = time.perf_counter()
     with _progress(session.console) as progress:
         bar = progress.add_task(f"train {task}", total=total_steps, info="")
@@ -331,8 +331,8 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner) -> list[di
                 loss, terms = session.method.loss(output.loss, session.model.context)
                 engine.backward(loss)
                 for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach())
-                tokens += int(batch["attention_mask"].sum())
+                    sums[name] = sums.get(name, 0) + value.detach().double()
+                tokens += batch["attention_mask"].sum()
                 boundary = engine.is_gradient_accumulation_boundary()
                 if boundary:
                     session.method.before_step(runner)
@@ -344,7 +344,8 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner) -> list[di
                 log.append(record)
                 if session.tensorboard is not None:
                     session.tensorboard.log_step(record, earlier_steps + record["step"])
-                sums, tokens, started = {}, 0, time.perf_counter()
+                sums, started = {}, time.perf_counter()
+                tokens = torch.zeros_like(tokens)
                 if len(log) % recipe.train.log_every == 0 or len(log) == total_steps:
                     progress.update(bar, completed=len(log), info=f"loss {record['loss']:.4f}")
     return log

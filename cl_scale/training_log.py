@@ -19,15 +19,17 @@ from cl_scale.errors import CLScaleError
 TENSORBOARD_DIR = "tensorboard"
 
 
-def step_record(engine: Any, sums: dict[str, float], accumulation: int, tokens: int, started: float,
-                epoch: int, step: int) -> dict[str, Any]:
+def step_record(engine: Any, sums: dict[str, torch.Tensor], accumulation: int, tokens: torch.Tensor,
+                started: float, epoch: int, step: int) -> dict[str, Any]:
     """One optimizer step's log line: every loss term averaged over all ranks' micro-batches.
 
-    Collective (the sums are reduced over ranks), so every rank calls it at every step.
+    `sums` and `tokens` are float64 tensors on the rank's device (NCCL reduces device tensors only);
+    this is the one host sync of the step. Collective, so every rank calls it at every step.
     """
     names = sorted(sums)
-    values = torch.tensor([sums[n] for n in names] + [float(tokens)], dtype=torch.float64)
+    values = torch.stack([sums[n] for n in names] + [tokens]).double()
     dist_utils.all_reduce_sum(values)
+    values = values.cpu()
     micro_batches = accumulation * dist_utils.world_size()
     terms = {n: values[i].item() / micro_batches for i, n in enumerate(names)}
     grad_norm = engine.get_global_grad_norm()
