@@ -143,28 +143,19 @@ def _model_config(path: str) -> tuple[PretrainedConfig | None, str]:
 def _builtin_config(name: str) -> tuple[PretrainedConfig | None, str]:
     """A built-in tiny model's config: its cached folder if built, else its spec (vocab as requested)."""
     try:
-        from cl_scale.modeling.builtin import BUILTINS, cache_root
-        from cl_scale.modeling.tiny import tiny_llama_config, tiny_t5_config
+        from cl_scale.modeling.builtin import BUILTINS, built_dir, spec_config
     except ImportError as err:
         return None, f"built-in models are not available in this installation ({err})"
     if name not in BUILTINS:
         return None, f"unknown built-in model `builtin:{name}` (known: {', '.join(BUILTINS)})"
     spec = BUILTINS[name]
-    built = cache_root() / "builtin" / f"{name}-v{spec.version}"
+    built = built_dir(name)
     if (built / "config.json").is_file():
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(built), f"config.json in {built}"
     source = f"the builtin:{name} spec (vocabulary at most {spec.vocab_size}; not built yet)"
-    if spec.kind == "causal":
-        config = tiny_llama_config(
-            spec.vocab_size, hidden=spec.hidden, layers=spec.layers, heads=spec.heads,
-            kv_heads=spec.heads, intermediate=2 * spec.hidden,
-        )
-    else:
-        config = tiny_t5_config(spec.vocab_size, d_model=spec.hidden, layers=spec.layers, heads=spec.heads,
-                                d_ff=2 * spec.hidden)
-    return config, source
+    return spec_config(spec, spec.vocab_size), source
 
 
 def _numel(module: nn.Module) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PretrainedConfig
 
 from cl_scale.errors import CLScaleError
 
@@ -47,6 +48,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("CL_SCALE_CACHE", Path.home() / ".cache" / "cl-scale"))
 
 
+def built_dir(name: str) -> Path:
+    """Where built-in model `name` is (or will be) cached."""
+    return cache_root() / "builtin" / f"{name}-v{BUILTINS[name].version}"
+
+
+def spec_config(spec: BuiltinSpec, vocab_size: int, pad_token_id: int | None = None) -> PretrainedConfig:
+    """The architecture of a built-in model: the one place that turns a spec into a config."""
+    from cl_scale.modeling.tiny import tiny_llama_config, tiny_t5_config
+
+    if spec.kind == "causal":
+        extra = {} if pad_token_id is None else {"pad_token_id": pad_token_id}
+        return tiny_llama_config(vocab_size, hidden=spec.hidden, layers=spec.layers, heads=spec.heads,
+                                 kv_heads=spec.heads, intermediate=2 * spec.hidden, **extra)
+    return tiny_t5_config(vocab_size, d_model=spec.hidden, layers=spec.layers, heads=spec.heads, d_ff=2 * spec.hidden)
+
+
 def builtin_model_dir(name: str, progress: Callable[[str], None] = print) -> Path:
     """The folder of built-in model `name`, building it on first use (once, under a file lock)."""
     if name not in BUILTINS:
@@ -55,7 +72,7 @@ def builtin_model_dir(name: str, progress: Callable[[str], None] = print) -> Pat
             f"use one of {', '.join('builtin:' + n for n in BUILTINS)}",
         )
     spec = BUILTINS[name]
-    target = cache_root() / "builtin" / f"{name}-v{spec.version}"
+    target = built_dir(name)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +91,7 @@ def _build(spec: BuiltinSpec, out: Path) -> None:
     from cl_scale.data.synthetic import SYNTHETIC_TASKS, load_synthetic, pretraining_examples
     from cl_scale.data.tokenizer import train_sentencepiece_tokenizer
     from cl_scale.data.prompts import build_prompt
-    from cl_scale.modeling.tiny import build_tiny_model, tiny_llama_config, tiny_t5_config
+    from cl_scale.modeling.tiny import build_tiny_model
 
     texts = []
     for task in SYNTHETIC_TASKS:
@@ -83,14 +100,7 @@ def _build(spec: BuiltinSpec, out: Path) -> None:
     mixture = pretraining_examples(spec.pretrain_steps * spec.pretrain_batch // 4, seed=1)
     texts += [build_prompt(d, x, "long") + t for d, x, t in zip(mixture["definition"], mixture["input"], mixture["target"])]
     tokenizer = train_sentencepiece_tokenizer(texts, out, vocab_size=spec.vocab_size, kind=spec.kind)
-    vocab = len(tokenizer)
-    if spec.kind == "causal":
-        config = tiny_llama_config(vocab, hidden=spec.hidden, layers=spec.layers, heads=spec.heads,
-                                   kv_heads=spec.heads, intermediate=2 * spec.hidden,
-                                   pad_token_id=tokenizer.pad_token_id)
-    else:
-        config = tiny_t5_config(vocab, d_model=spec.hidden, layers=spec.layers, heads=spec.heads, d_ff=2 * spec.hidden)
-    model = build_tiny_model(config, seed=0)
+    model = build_tiny_model(spec_config(spec, len(tokenizer), tokenizer.pad_token_id), seed=0)
     _pretrain(model, tokenizer, mixture, spec)
     model.save_pretrained(out)
 
