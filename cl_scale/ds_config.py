@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from cl_scale.errors import CLScaleError
+from cl_scale.errors import CLScaleError, read_json
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict merge; values of `extra` win."""
@@ -46,13 +45,7 @@ def _fill_auto(node: Any, values: dict[str, Any], path: str = "") -> Any:
 def build_ds_config(recipe: Any, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config for this recipe and world size: file, then "auto" filled, then overrides."""
     path = recipe.deepspeed.config_path()
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CLScaleError(
-            f"DeepSpeed config {path} is not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}",
-            "fix the JSON syntax",
-        ) from err
+    raw = read_json(path, fix="fix the JSON syntax of the DeepSpeed config")
     train = recipe.train
     accumulation = batch_layout(train.global_batch, train.per_device_batch, world_size)
     dtype = recipe.model.dtype

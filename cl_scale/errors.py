@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class CLScaleError(Exception):
     """A problem the user can fix: `problem` says what is wrong, `fix` says what to do about it."""
@@ -10,3 +12,14 @@ class CLScaleError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(problem if fix is None else f"{problem}\n  fix: {fix}")
+
+
+def read_json(path: os.PathLike[str] | str, *, fix: str) -> object:
+    """Parse a JSON file; invalid JSON becomes one CLScaleError naming the file, line and column."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise CLScaleError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})", fix) from err

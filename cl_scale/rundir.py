@@ -14,14 +14,13 @@ that resume would trust, and resume restarts at the first stage the manifest doe
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cl_scale import atomic
-from cl_scale.errors import CLScaleError
+from cl_scale.errors import CLScaleError, read_json
 
 FORMAT = "cl-scale-run/1"
 
@@ -100,13 +99,7 @@ def open_run(path: Path) -> RunDir:
             f"{path} is not a cl-scale run directory (no manifest.json)",
             "point to a folder made by `cl-scale train`",
         )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CLScaleError(
-            f"{manifest_path} is corrupted (line {err.lineno}, column {err.colno}: {err.msg})",
-            "restore it from a backup or start a new run",
-        ) from err
+    manifest = read_json(manifest_path, fix="the manifest is corrupted: restore it from a backup or start a new run")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CLScaleError(
             f"{path} is not a cl-scale run directory (manifest format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r})",
