@@ -228,6 +228,14 @@ def accelerator_device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+def accelerator_description() -> dict[str, str]:
+    """What this rank computes on and how ranks talk, for the run's manifest ("cuda", "nccl", the GPU's name)."""
+    device = accelerator_device()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    backend = dist.get_backend() if is_distributed() else "none"
+    return {"device": device.type, "backend": str(backend), "name": name}
+
+
 def shutdown_distributed() -> None:
     """Destroy the process group so every rank exits 0 (gloo otherwise aborts at exit)."""
     if is_distributed():

@@ -1,7 +1,8 @@
 """The run directory: resolved recipe, manifest, one folder per finished stage.
 
     <run>/recipe.yaml                 the resolved recipe, written once
-    <run>/manifest.json               format tag, order, world size, global batch, seed, versions, stages
+    <run>/manifest.json               format tag, order, world size, global batch, seed, versions, stages,
+                                      sessions (each launch: versions, accelerator and backend, recipe changes)
     <run>/stages/<k>-<task>/          snapshot.safetensors (branches + gates, working copies),
                                       method.safetensors (bases), train_log.jsonl,
                                       predictions/<task>.jsonl, scores.json

@@ -136,6 +136,7 @@ def _open_run_dir(recipe: Any, path: Path, tasks: list[str], *, resume: bool, al
         "per_device_batch": recipe.train.per_device_batch,
         "seed": recipe.train.seed,
         "versions": _versions(),
+        "accelerator": dist_utils.accelerator_description(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -76,6 +76,15 @@ def test_every_method_finishes_three_stages(runs, method: str) -> None:
     assert all(task in scores for task in TASKS)
 
 
+def test_manifest_records_the_accelerator_and_backend_the_run_used(runs) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = manifest(runs["gainlora"])["sessions"][0]["accelerator"]
+    device = get_accelerator().device_name()
+    assert accelerator["device"] == device
+    assert accelerator["backend"] == ("nccl" if device == "cuda" else "gloo")
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_step_log_has_every_loss_term_lr_grad_norm_and_throughput(runs, method: str) -> None:
     terms = {"task"} | PENALTIES.get(method, set())
