@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-multirank test-scale test-slurm clean
+.PHONY: install demo test test-multirank test-scale test-gpu test-slurm clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,11 @@ test-multirank: install
 # Llama-2-7B shape under ZeRO-3 on 2 CPU ranks (opt-in; about 6 min, needs about 18 GB free memory).
 test-scale: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m scale tests/test_scale.py
+
+# One rank on a CUDA GPU against the same run on the CPU (opt-in; a GPU machine). There, install a
+# CUDA build of torch instead of the CPU pin: `make test-gpu TORCH_PIN=torch`.
+test-gpu: install
+	$(PY) -m pytest -q -m gpu tests/test_gpu.py
 
 SLURM_PACKAGES := slurmctld slurmd slurm-client munge
 

@@ -51,15 +51,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(pairs: list[tuple[Path, Path]], *, ranks: int, cache: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    """Train (recipe, run_dir) pairs in one launch: a plain process for 1 rank, the deepspeed launcher for more."""
+def launch(
+    pairs: list[tuple[Path, Path]], *, ranks: int, cache: Path, timeout: float = 900, **env: str
+) -> subprocess.CompletedProcess:
+    """Train (recipe, run_dir) pairs in one launch: a plain process for 1 rank, the deepspeed launcher for more.
+
+    `env` adds environment variables (DS_ACCELERATOR=cpu keeps a GPU machine's run on the CPU)."""
     args = [str(x) for pair in pairs for x in pair]
     if ranks == 1:
         command = [sys.executable, str(TRAIN_SCRIPT), *args]
     else:
         launcher = Path(sys.executable).parent / "deepspeed"
         command = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(TRAIN_SCRIPT), *args]
-    result = subprocess.run(command, cwd=REPO, env=environment(cache), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=REPO, env=environment(cache, **env), capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(f"launch with {ranks} rank(s) failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
