@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import add_timing_arguments, header, interleaved, print_ratios
+from common import add_device_argument, add_timing_arguments, header, interleaved, print_ratios
 from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -68,7 +68,7 @@ def looped_gates(bank: GateBank, xbar: torch.Tensor) -> torch.Tensor:
 class GatedBlock:
     """One decoder block with `tasks` GainLoRA branches on q and v and a bank of `tasks` gates."""
 
-    def __init__(self, base: LlamaDecoderLayer, tasks: int, rank: int, alpha: float) -> None:
+    def __init__(self, base: LlamaDecoderLayer, tasks: int, rank: int, alpha: float, device: torch.device) -> None:
         self.block = copy.deepcopy(base)
         self.context = BranchContext()
         self.fused = inject_branches(
@@ -85,6 +85,8 @@ class GatedBlock:
         newest = tasks - 1
         trainable = [layer.branch(newest)[1] for layer in self.fused.values()] + list(self.gates.gate(newest))
         self.trainable = train_exactly(nn.ModuleList([self.block, self.gates]), trainable)
+        self.block.to(device)  # in place: the looped views and `trainable` keep their parameters
+        self.gates.to(device)
 
     def _use(self, modules: dict[str, nn.Module]) -> None:
         for path, module in modules.items():
@@ -125,6 +127,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=32.0)
     add_timing_arguments(parser, repeats=5)
+    add_device_argument(parser)
     args = parser.parse_args()
     header("branch scaling: Llama decoder block, GainLoRA on q and v, forward + backward", args.threads)
     intermediate = args.intermediate or int(args.hidden * 2.6875)
@@ -133,10 +136,11 @@ def main() -> None:
         f"batch {args.batch}  r {args.rank}  gate hidden {GATE_HIDDEN}  float32"
     )
     base, rotary = llama_block(args.hidden, args.heads, intermediate)
-    hidden = torch.randn(args.batch, args.seq, args.hidden)
-    xbar = torch.randn(args.batch, args.hidden)
-    rope = rotary(hidden, torch.arange(args.seq).unsqueeze(0))
-    blocks = {tasks: GatedBlock(base, tasks, args.rank, args.alpha) for tasks in TASK_COUNTS}
+    device = torch.device(args.device)
+    hidden = torch.randn(args.batch, args.seq, args.hidden).to(device)
+    xbar = torch.randn(args.batch, args.hidden).to(device)
+    rope = rotary.to(device)(hidden, torch.arange(args.seq, device=device).unsqueeze(0))
+    blocks = {tasks: GatedBlock(base, tasks, args.rank, args.alpha, device) for tasks in TASK_COUNTS}
     cases: dict[str, Callable[[], None]] = {}
     for path in ("fused", "loop"):
         for tasks, block in blocks.items():

@@ -46,6 +46,15 @@ def add_timing_arguments(parser: argparse.ArgumentParser, *, repeats: int) -> No
     )
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """--device, for the benchmarks that can run on a GPU."""
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the models compute: cpu, or cuda (then read the wall ratios: CPU time only launches kernels)",
+    )
+
+
 def header(title: str, threads: int) -> None:
     """Print what ran where: date, CPU count, torch threads and versions (bench output goes into PERFORMANCE.md)."""
     torch.set_num_threads(threads)
@@ -54,12 +63,17 @@ def header(title: str, threads: int) -> None:
         f"# {time.strftime('%Y-%m-%d %H:%M')}  {platform.machine()}  {os.cpu_count()} cores  "
         f"torch {torch.__version__}  threads {torch.get_num_threads()}  load average {os.getloadavg()[0]:.1f}"
     )
+    if torch.cuda.is_available():
+        print(f"# GPU {torch.cuda.get_device_name(0)} (used only with --device cuda)")
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """Wall and CPU seconds one call of `fn` takes."""
+    """Wall and CPU seconds one call of `fn` takes (on a GPU, until its kernels have finished)."""
+    synchronize = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    synchronize()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 

@@ -16,7 +16,7 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from common import add_timing_arguments, header, interleaved, median, print_ratios
+from common import add_device_argument, add_timing_arguments, header, interleaved, median, print_ratios
 
 from cl_scale.modeling.tiny import build_tiny_model, tiny_llama_config
 from cl_scale.modeling.wrapper import ContinualModel, greedy_config
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64, help="prompt tokens per sample")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sample")
     add_timing_arguments(parser, repeats=10)
+    add_device_argument(parser)
     args = parser.parse_args()
     header("generation throughput: gated continual model against the bare HF model", args.threads)
     print(
@@ -72,8 +73,9 @@ def main() -> None:
         f"batch {args.batch}  prompt {args.prompt}  new tokens {args.new_tokens}  greedy, KV cache, float32"
     )
     ids = torch.randint(4, args.vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
     mask = torch.ones_like(ids)
-    plain, gated = base_model(args), gated_model(args)
+    plain, gated = base_model(args).to(args.device), gated_model(args).to(args.device)
     config = greedy_config(plain, args.new_tokens)
 
     def run_plain() -> None:

@@ -16,7 +16,7 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from common import add_timing_arguments, header, interleaved, print_ratios
+from common import add_device_argument, add_timing_arguments, header, interleaved, print_ratios
 from peft import LoraConfig, get_peft_model
 
 from cl_scale.distributed import LocalAccess
@@ -61,9 +61,9 @@ class OneBatchRunner:
 
 
 def peft_step(base: torch.nn.Module, batch: Batch, rank: int, alpha: float, lr: float) -> Callable[[], None]:
-    """A training step of PEFT LoRA on `base`."""
+    """A training step of PEFT LoRA on `base` (on the batch's device)."""
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0, bias="none")
-    model = get_peft_model(base, config)
+    model = get_peft_model(base, config).to(batch["input_ids"].device)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     inputs = {k: v for k, v in batch.items() if k != "prompt_mask"}
@@ -79,7 +79,8 @@ def peft_step(base: torch.nn.Module, batch: Batch, rank: int, alpha: float, lr: 
 def cl_scale_step(
     base: torch.nn.Module, batch: Batch, method_name: str, rank: int, alpha: float, lr: float
 ) -> Callable[[], None]:
-    """A training step of cl-scale `method_name` on its first task, driven like the trainer drives it."""
+    """A training step of cl-scale `method_name` on its first task (on the batch's device), driven like the
+    trainer drives it."""
     config = MethodConfig(name=method_name, rank=rank, alpha=alpha)
     model = ContinualModel(
         base,
@@ -92,6 +93,7 @@ def cl_scale_step(
     )
     method = build_method(config, model, num_tasks=1)
     method.grow(0, torch.Generator().manual_seed(0))
+    model.to(batch["input_ids"].device)
     params = method.trainable_parameters(0)
     runner = OneBatchRunner(model, batch)
     method.before_task(runner)
@@ -123,6 +125,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--lr", type=float, default=3e-4)
     add_timing_arguments(parser, repeats=30)
+    add_device_argument(parser)
     args = parser.parse_args()
     header("overhead against PEFT: one training step, tiny Llama, one task", args.threads)
     config = tiny_llama_config(
@@ -138,7 +141,7 @@ def main() -> None:
         f"batch {args.batch} x {args.prompt + args.answer} tokens  r {args.rank}  alpha {args.alpha:g}  "
         f"targets {','.join(TARGETS)}  float32  AdamW"
     )
-    batch = make_batch(args.vocab, args.batch, args.prompt, args.answer)
+    batch = {k: v.to(args.device) for k, v in make_batch(args.vocab, args.batch, args.prompt, args.answer).items()}
     cases = {"peft": peft_step(build_tiny_model(config, seed=0), batch, args.rank, args.alpha, args.lr)}
     for name in ("inclora", "gainlora"):
         cases[name] = cl_scale_step(build_tiny_model(config, seed=0), batch, name, args.rank, args.alpha, args.lr)

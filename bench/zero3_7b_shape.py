@@ -134,27 +134,39 @@ def gate_update(method: GainLoRA, before: list[torch.Tensor], after: list[torch.
 
 
 class Phases:
-    """Wall time, this rank's CPU time and peak resident memory of each phase (peak window restarts per phase).
+    """Wall time, this rank's CPU time and peak memory of each phase (peak windows restart per phase):
+    resident memory, and on a GPU also the peak the CUDA allocator handed out.
 
     CPU time is the steadier figure on a shared machine: wall time grows with other processes' load.
     """
 
     def __init__(self) -> None:
+        self.cuda = dist_utils.accelerator_device().type == "cuda"
         self.seconds: dict[str, float] = {}
         self.cpu_seconds: dict[str, float] = {}
         self.peak_rss_bytes: dict[str, int] = {}
-        self._start = (time.perf_counter(), time.process_time())
+        self.peak_gpu_bytes: dict[str, int] = {}
+        self._restart()
+
+    def _restart(self) -> None:
         reset_peak_rss()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._start = (time.perf_counter(), time.process_time())
 
     def end(self, name: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_gpu_bytes[name] = torch.cuda.max_memory_allocated()
         self.seconds[name] = time.perf_counter() - self._start[0]
         self.cpu_seconds[name] = time.process_time() - self._start[1]
         self.peak_rss_bytes[name] = peak_rss_bytes()
         if dist_utils.is_main():
             peak = self.peak_rss_bytes[name] / 1e9
-            print(f"{name}: {self.seconds[name]:.1f} s, peak resident {peak:.2f} GB", flush=True)
-        reset_peak_rss()
-        self._start = (time.perf_counter(), time.process_time())
+            gpu = f", GPU peak {self.peak_gpu_bytes[name] / 1e9:.2f} GB" if self.cuda else ""
+            print(f"{name}: {self.seconds[name]:.1f} s, peak resident {peak:.2f} GB{gpu}", flush=True)
+        self._restart()
 
 
 def train_step(engine: object, method: GainLoRA, model: ContinualModel, runner: StepRunner) -> float:
@@ -217,7 +229,8 @@ def build(args: argparse.Namespace, phases: Phases) -> Stage:
     trainable = method.trainable_parameters(1)
     optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    runner = StepRunner(1, 2, ZeroAccess(), engine, short_batch(args.tokens, seed=dist_utils.rank()))
+    batch = {k: v.to(dist_utils.accelerator_device()) for k, v in short_batch(args.tokens, dist_utils.rank()).items()}
+    runner = StepRunner(1, 2, ZeroAccess(), engine, batch)
     counts = {
         "base_parameters": sum(p.ds_numel for p in base.parameters()),
         "trainable_parameters": sum(p.ds_numel for p in trainable),
@@ -237,7 +250,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--before-task", action="store_true", help="also run the method's before_task")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here (rank 0)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # two ranks share two cores
+    if dist_utils.accelerator_device().type == "cpu":
+        torch.set_num_threads(1)  # two CPU ranks share two cores
     phases = Phases()
     dist_utils.init_distributed(timeout_s=1800)
     stage = build(args, phases)
@@ -264,10 +278,16 @@ def main(argv: list[str]) -> None:
 
     world = dist_utils.world_size()
     per_rank: list = [None] * world
-    mine = {"peak_rss_bytes": phases.peak_rss_bytes, "cpu_seconds": phases.cpu_seconds, "checksum": checksum}
+    mine = {
+        "peak_rss_bytes": phases.peak_rss_bytes,
+        "peak_gpu_bytes": phases.peak_gpu_bytes,
+        "cpu_seconds": phases.cpu_seconds,
+        "checksum": checksum,
+    }
     torch.distributed.all_gather_object(per_rank, mine)
     result = {
         "world_size": world,
+        "accelerator": dist_utils.accelerator_description(),
         **stage.counts,
         "full_bf16_copy_bytes": 2 * stage.counts["base_parameters"],
         "snapshot_tensors": len(snapshot),
@@ -290,7 +310,9 @@ def main(argv: list[str]) -> None:
 def report(result: dict) -> None:
     """Rank 0 prints the figures."""
     full = result["full_bf16_copy_bytes"]
-    print(f"# ZeRO-3, Llama-2-7B shape, {result['world_size']} CPU ranks, bf16, {time.strftime('%Y-%m-%d %H:%M')}")
+    device = result["accelerator"]
+    print(f"# ZeRO-3, Llama-2-7B shape, {result['world_size']} rank(s) on {device['name']} ({device['backend']}), "
+          f"bf16, {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"base parameters {result['base_parameters']:,}  full bf16 copy {full / 1e9:.2f} GB")
     print(f"trainable parameters (task 1) {result['trainable_parameters']:,}")
     print(f"snapshot {result['snapshot_tensors']} tensors, {result['snapshot_parameters']:,} values, "
@@ -306,6 +328,9 @@ def report(result: dict) -> None:
         line = "  ".join(f"{k} {v / 1e9:.2f} GB ({v / full:.0%})" for k, v in peaks.items())
         top = max(peaks.values())
         print(f"rank {index} peak resident {top / 1e9:.2f} GB = {top / full:.1%} of the full copy; by phase: {line}")
+        if rank["peak_gpu_bytes"]:
+            gpu = "  ".join(f"{k} {v / 1e9:.2f} GB" for k, v in rank["peak_gpu_bytes"].items())
+            print(f"rank {index} GPU peak allocated by phase: {gpu}")
 
 
 if __name__ == "__main__":
