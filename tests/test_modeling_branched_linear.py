@@ -70,3 +70,35 @@ def test_branches_without_coefficients_all_count_once(tasks: int) -> None:
     layer = _branched(tasks, generator)
     x = torch.randn(4, 6, 16, generator=generator)
     torch.testing.assert_close(layer(x), _loop_reference(layer, x, torch.ones(4, tasks)), atol=1e-5, rtol=1e-5)
+
+
+def test_layers_of_one_forward_share_one_expansion_of_the_coefficients() -> None:
+    context = BranchContext(coefficients=torch.rand(3, 2))
+    first = context.rank_coefficients(RANK, 2.0, torch.float32)
+    assert context.rank_coefficients(RANK, 2.0, torch.float32) is first
+    torch.testing.assert_close(first, 2.0 * context.coefficients.repeat_interleave(RANK, dim=1))
+
+
+def test_replacing_the_coefficients_rebuilds_their_expansion() -> None:
+    context = BranchContext(coefficients=torch.zeros(3, 2))
+    context.rank_coefficients(RANK, 1.0, torch.float32)
+    context.coefficients = torch.ones(3, 2)
+    assert torch.equal(context.rank_coefficients(RANK, 1.0, torch.float32), torch.ones(3, 2 * RANK))
+    context.reset()
+    with pytest.raises(ValueError, match="no gate coefficients"):
+        context.rank_coefficients(RANK, 1.0, torch.float32)
+
+
+def test_coefficient_gradients_sum_over_the_layers_that_share_them() -> None:
+    generator = torch.Generator().manual_seed(7)
+    layers = [_branched(3, generator) for _ in range(2)]
+    context = BranchContext()
+    for layer in layers:
+        layer.context = context
+    x = torch.randn(4, 5, 16, generator=generator)
+    coefficients = torch.rand(4, 3, generator=generator, requires_grad=True)
+    context.coefficients = coefficients
+    sum(layer(x).square().sum() for layer in layers).backward()
+    reference = coefficients.detach().clone().requires_grad_(True)
+    sum(_loop_reference(layer, x, reference).square().sum() for layer in layers).backward()
+    torch.testing.assert_close(coefficients.grad, reference.grad, rtol=1e-4, atol=1e-4)

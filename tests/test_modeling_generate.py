@@ -86,6 +86,20 @@ def test_llama_cached_generation_equals_recomputing_every_step() -> None:
 
 
 @torch.no_grad()
+def test_generation_uses_branch_weights_changed_since_the_previous_generation() -> None:
+    model = _gated_llama()
+    ids, mask = left_padded(_prompts())
+    before = model.generate(ids, mask, mask, max_new_tokens=NEW_TOKENS)
+    generator = torch.Generator().manual_seed(5)
+    for layer in model.branched.values():
+        for _, b in layer.branches():
+            b.normal_(0.0, 1.0, generator=generator)
+    actual = model.generate(ids, mask, mask, max_new_tokens=NEW_TOKENS)
+    assert not torch.equal(actual, before)  # the new weights matter, so stale ones would show
+    torch.testing.assert_close(actual, _causal_without_cache(model, ids, mask))
+
+
+@torch.no_grad()
 def test_t5_cached_generation_equals_recomputing_every_step() -> None:
     model = _gated_t5()
     ids, mask = right_padded(_prompts())

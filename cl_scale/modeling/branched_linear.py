@@ -1,8 +1,9 @@
 """A frozen linear layer plus one LoRA branch per task, all evaluated with two fused products.
 
-    y = W x + s * B [c ⊙ (A x)]      A = [A_1; ...; A_n] (n r × d_in), B = [B_1 ... B_n] (d_out × n r)
+    y = W x + B [s c ⊙ (A x)]      A = [A_1; ...; A_n] (n r × d_in), B = [B_1 ... B_n] (d_out × n r)
 
-where `c` repeats each task's coefficient over that task's `r` rank rows. The layer stays a drop-in
+where `c` repeats each task's coefficient over that task's `r` rank rows (without coefficients,
+y = W x + s B A x as in PEFT). The layer stays a drop-in
 `nn.Module` (PEFT style): it keeps the wrapped layer's `in_features`, `out_features` and `weight`.
 Branch parameters are direct parameters of this module (`lora_A_<i>`, `lora_B_<i>`), so ZeRO-3's
 pre-forward hook gathers all of them whenever the layer runs.
@@ -90,6 +91,21 @@ class BranchedLinear(nn.Module):
         result = self.base(x)
         if self.num_branches == 0:
             return result
+        a_stack, b_stack = self._stacked()
+        hidden = F.linear(self.dropout(x).to(a_stack.dtype), a_stack)
+        if self.context.coefficients is None:
+            update = F.linear(hidden, b_stack) * self.scaling
+        else:  # s c ⊙ (A x): the context expands and scales the coefficients once for every layer
+            scale = self.context.rank_coefficients(self.rank, self.scaling, hidden.dtype)
+            shape = (scale.shape[0],) + (1,) * (hidden.dim() - 2) + (scale.shape[1],)
+            update = F.linear(hidden * scale.view(shape), b_stack)
+        return result + update.to(result.dtype)
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (n r × d_in) and B (d_out × n r) of all branches; adds the layer's penalties while training."""
+        stacks = self.context.stacks
+        if stacks is not None and id(self) in stacks:
+            return stacks[id(self)]
         pairs = self.branches()
         a_list = [a for a, _ in pairs]
         b_list = [b for _, b in pairs]
@@ -98,13 +114,9 @@ class BranchedLinear(nn.Module):
                 self.context.add_penalty(name, value)
         a_stack = a_list[0] if len(a_list) == 1 else torch.cat(a_list, dim=0)
         b_stack = b_list[0] if len(b_list) == 1 else torch.cat(b_list, dim=1)
-        hidden = F.linear(self.dropout(x).to(a_stack.dtype), a_stack)
-        coefficients = self.context.coefficients
-        if coefficients is not None:
-            per_rank = coefficients.repeat_interleave(self.rank, dim=1)
-            shape = (per_rank.shape[0],) + (1,) * (hidden.dim() - 2) + (per_rank.shape[1],)
-            hidden = hidden * per_rank.view(shape).to(hidden.dtype)
-        return result + (F.linear(hidden, b_stack) * self.scaling).to(result.dtype)
+        if stacks is not None:
+            stacks[id(self)] = (a_stack, b_stack)
+        return a_stack, b_stack
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, branches={self.num_branches}, stream={self.stream}"

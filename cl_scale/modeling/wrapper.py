@@ -143,12 +143,16 @@ class ContinualModel(nn.Module):
         keeps stepping until all ranks are done.
         """
         self.prepare(input_ids, attention_mask, prompt_mask)
-        output = self.base.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=greedy_config(self.base, max_new_tokens),
-            synced_gpus=synced_gpus,
-        )
+        self.context.stacks = {}  # the weights stay fixed while this generation decodes
+        try:
+            output = self.base.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=greedy_config(self.base, max_new_tokens),
+                synced_gpus=synced_gpus,
+            )
+        finally:
+            self.context.stacks = None
         start = input_ids.shape[1] if self.kind == "causal" else 1  # T5 output starts with decoder start
         return output[:, start:]
 
