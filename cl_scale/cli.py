@@ -186,7 +186,7 @@ def demo(
     ] = "seqlora,gainlora",
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Where the demo's run directories go.")] = Path("runs"),
 ) -> None:
-    """The built-in CPU demo: a small model learns 5 synthetic tasks in sequence with each method.
+    """The built-in CPU demo: a small model learns 4 synthetic tasks in sequence with each method.
 
     Shows forgetting (SeqLoRA) and how GainLoRA prevents it, as a table of AP / FT / BWT and heat maps.
     Finished runs are reused; an interrupted one resumes. Example: cl-scale demo --methods seqlora,olora,gainlora
