@@ -112,6 +112,18 @@ def test_unknown_energy_is_a_user_error() -> None:
         extend_basis(_eye_columns(2), _diag(1, 1), threshold=0.9, task_index=0, num_tasks=1, energy="cubic")
 
 
+def test_top_directions_are_the_leading_left_singular_vectors() -> None:
+    m = torch.randn(9, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    u, _, _ = torch.linalg.svd(m)
+    directions = top_directions(m, 4)
+    torch.testing.assert_close((directions.T @ u[:, :4]).abs(), torch.eye(4, dtype=torch.float64))
+
+
+def test_asking_for_more_directions_than_a_matrix_has_fails() -> None:
+    with pytest.raises(ValueError, match="only 3"):
+        top_directions(torch.ones(5, 3, dtype=torch.float64), 4)
+
+
 def test_top_directions_have_deterministic_signs() -> None:
     m = torch.randn(8, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     rotation, _ = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
