@@ -205,6 +205,8 @@ def build(args: argparse.Namespace, phases: Phases) -> Stage:
         f"{zero}.stage3_max_reuse_distance={int(args.reuse_distance)}",
         f"{zero}.stage3_max_live_parameters={int(args.reuse_distance)}",
     ]
+    if args.gradient_checkpointing:
+        overrides.append("train.gradient_checkpointing=true")
     recipe = load_recipe(RECIPE, overrides)
     ds_config = build_ds_config(recipe, world)
     zero3_handle = HfDeepSpeedConfig(ds_config)  # must exist before the model is built
@@ -221,6 +223,8 @@ def build(args: argparse.Namespace, phases: Phases) -> Stage:
         dropout=recipe.method.dropout,
         gate_hidden=recipe.method.gate.hidden,
     )
+    if recipe.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     method = build_method(recipe.method, model, num_tasks=2)
     assert isinstance(method, GainLoRA)
     for task in (0, 1):
@@ -248,6 +252,9 @@ def main(argv: list[str]) -> None:
         "--reuse-distance", type=float, default=1e8, help="stage3_max_reuse_distance and _max_live_parameters"
     )
     parser.add_argument("--before-task", action="store_true", help="also run the method's before_task")
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="train.gradient_checkpointing=true (as the trainer applies it)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here (rank 0)")
     args = parser.parse_args(argv)
     if dist_utils.accelerator_device().type == "cpu":

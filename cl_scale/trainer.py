@@ -176,26 +176,10 @@ def _start_session(recipe: Any, run: Any, tasks: list[str], ds_config: dict[str,
     console = Console(quiet=not dist_utils.is_main())
     state = build_state(recipe, ds_config, len(tasks))
     if recipe.train.gradient_checkpointing:
-        _enable_gradient_checkpointing(state.model.base)
+        state.model.enable_gradient_checkpointing()
     return Session(recipe=recipe, run=run, tasks=tasks, state=state, ds_config=ds_config,
                    cache_dir=cache_root() / "tokenized", console=console,
                    tensorboard=open_tensorboard(recipe, run.path))
-
-
-def _enable_gradient_checkpointing(base: Any) -> None:
-    """Checkpoint every transformer block in the one form that works with a frozen base under ZeRO-3.
-
-    Non-reentrant, because the reentrant form passes no gradient to the branches of a block whose
-    inputs do not require grad, and back-propagates GainLoRA's gate graph once per block (every block
-    reads the gate coefficients from outside its inputs), which fails on the second block.
-    `determinism_check="none"`, because ZeRO-3 (deepspeed 0.19.8) re-partitions a frozen weight when the
-    recompute's forward hooks fire, so torch's recompute check sees shape [0] for a weight that
-    DeepSpeed gathers again before the backward uses it (huggingface/transformers#47254). The tests
-    compare losses, gradient norms and snapshots with and without checkpointing on 2 ranks.
-    """
-    base.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False, "determinism_check": "none"}
-    )
 
 
 def _restore(session: Session) -> int:

@@ -156,6 +156,21 @@ class ContinualModel(nn.Module):
         start = input_ids.shape[1] if self.kind == "causal" else 1  # T5 output starts with decoder start
         return output[:, start:]
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint every transformer block in the one form that works with a frozen base under ZeRO-3.
+
+        Non-reentrant, because the reentrant form passes no gradient to the branches of a block whose
+        inputs do not require grad, and back-propagates GainLoRA's gate graph once per block (every block
+        reads the gate coefficients from outside its inputs), which fails on the second block.
+        `determinism_check="none"`, because ZeRO-3 (deepspeed 0.19.8) re-partitions a frozen weight when the
+        recompute's forward hooks fire, so torch's recompute check sees shape [0] for a weight that
+        DeepSpeed gathers again before the backward uses it (huggingface/transformers#47254). The tests
+        compare losses, gradient norms and snapshots with and without checkpointing on 2 ranks.
+        """
+        self.base.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "determinism_check": "none"}
+        )
+
     def branch_parameters(self) -> dict[str, nn.Parameter]:
         """Every branch and gate parameter under a stable name, oldest task first, for snapshots."""
         params: dict[str, nn.Parameter] = {}
