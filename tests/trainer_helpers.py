@@ -63,10 +63,19 @@ def launch(
     else:
         launcher = Path(sys.executable).parent / "deepspeed"
         command = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(TRAIN_SCRIPT), *args]
+    shm_before = shm_buffers()
     result = subprocess.run(command, cwd=REPO, env=environment(cache, **env), capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(f"launch with {ranks} rank(s) failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    leaked = shm_buffers() - shm_before
+    if leaked:
+        raise AssertionError(f"the launch left DeepSpeed's shared-memory buffers in /dev/shm: {sorted(leaked)}")
     return result
+
+
+def shm_buffers() -> set[str]:
+    """Names of DeepSpeed's CPU all-reduce buffers in /dev/shm (each holds 69 MB of RAM until removed)."""
+    return {path.name for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
 
 
 def train_log(run_dir: Path, stage: str) -> list[dict[str, Any]]:
