@@ -27,7 +27,7 @@ test: install
 test-multirank: install
 	$(PY) -m pytest -q -m multirank
 
-# Llama-2-7B shape under ZeRO-3 on 2 CPU ranks (opt-in; about 6 min, needs about 18 GB free memory).
+# Llama-2-7B shape under ZeRO-3 on 2 CPU ranks (opt-in; about 5 min, needs about 18 GB free memory).
 test-scale: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m scale tests/test_scale.py
 
