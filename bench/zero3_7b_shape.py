@@ -1,6 +1,10 @@
-"""ZeRO-3 at the Llama-2-7B shape on CPU ranks: build, two GainLoRA tasks, training steps, one snapshot.
+"""ZeRO-3 at the Llama-2-7B shape: build, two GainLoRA tasks, training steps, one snapshot.
 
-    deepspeed --num_gpus 2 bench/zero3_7b_shape.py [--json result.json] [--before-task]
+    deepspeed --num_gpus 2 bench/zero3_7b_shape.py [--json result.json] [--before-task] [--gradient-checkpointing]
+    python bench/zero3_7b_shape.py --reuse-distance 1e9 --before-task      # one GPU, shipped reuse distance
+
+Runs on whatever accelerator DeepSpeed finds: CPU ranks (gloo) on a machine without a GPU, one rank
+per GPU (NCCL) otherwise; on a GPU it also reports the CUDA allocator's peak per phase.
 
 Random bf16 weights, built partitioned from the first byte (transformers' ZeRO-3 integration object
 exists before `from_config`, so the model is constructed under `deepspeed.zero.Init`); no download.
