@@ -91,7 +91,11 @@ class BranchedLinear(nn.Module):
         result = self.base(x)
         if self.num_branches == 0:
             return result
-        a_stack, b_stack = self._stacked()
+        pairs = self.branches()
+        if self.training and self.penalty is not None:
+            for name, value in self.penalty(self, [a for a, _ in pairs], [b for _, b in pairs]).items():
+                self.context.add_penalty(name, value)
+        a_stack, b_stack = self._stacked(pairs)
         hidden = F.linear(self.dropout(x).to(a_stack.dtype), a_stack)
         if self.context.coefficients is None:
             update = F.linear(hidden, b_stack) * self.scaling
@@ -101,19 +105,13 @@ class BranchedLinear(nn.Module):
             update = F.linear(hidden * scale.view(shape), b_stack)
         return result + update.to(result.dtype)
 
-    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (n r × d_in) and B (d_out × n r) of all branches; adds the layer's penalties while training."""
+    def _stacked(self, pairs: list[tuple[nn.Parameter, nn.Parameter]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (n r × d_in) and B (d_out × n r) of all branches, taken from the context during a generation."""
         stacks = self.context.stacks
         if stacks is not None and id(self) in stacks:
             return stacks[id(self)]
-        pairs = self.branches()
-        a_list = [a for a, _ in pairs]
-        b_list = [b for _, b in pairs]
-        if self.training and self.penalty is not None:
-            for name, value in self.penalty(self, a_list, b_list).items():
-                self.context.add_penalty(name, value)
-        a_stack = a_list[0] if len(a_list) == 1 else torch.cat(a_list, dim=0)
-        b_stack = b_list[0] if len(b_list) == 1 else torch.cat(b_list, dim=1)
+        a_stack = pairs[0][0] if len(pairs) == 1 else torch.cat([a for a, _ in pairs], dim=0)
+        b_stack = pairs[0][1] if len(pairs) == 1 else torch.cat([b for _, b in pairs], dim=1)
         if stacks is not None:
             stacks[id(self)] = (a_stack, b_stack)
         return a_stack, b_stack
