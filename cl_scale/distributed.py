@@ -187,6 +187,10 @@ def init_distributed(timeout_s: float) -> None:
         _unlink_shm_allreduce_buffer()
 
 
+DEEPSPEED_SHM_PREFIX = "deepspeed_allreduce_buffer_"
+"""Name prefix of DeepSpeed's per-rank CPU all-reduce buffers in /dev/shm."""
+
+
 def _unlink_shm_allreduce_buffer() -> None:
     """Remove the name of this rank's DeepSpeed shared-memory all-reduce buffer from /dev/shm.
 
@@ -203,7 +207,7 @@ def _unlink_shm_allreduce_buffer() -> None:
     if "LOCAL_SIZE" not in os.environ:
         return  # DeepSpeed only creates the buffers when all ranks share a machine
     barrier()
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank()}"
+    name = f"{DEEPSPEED_SHM_PREFIX}{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank()}"
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 

@@ -17,6 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from cl_scale.distributed import DEEPSPEED_SHM_PREFIX
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "tests" / "multirank" / "train_recipes.py"
 CL_SCALE = Path(sys.executable).parent / "cl-scale"
@@ -75,7 +77,7 @@ def launch(
 
 def shm_buffers() -> set[str]:
     """Names of DeepSpeed's CPU all-reduce buffers in /dev/shm (each holds 69 MB of RAM until removed)."""
-    return {path.name for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+    return {path.name for path in Path("/dev/shm").glob(f"{DEEPSPEED_SHM_PREFIX}*")}
 
 
 def train_log(run_dir: Path, stage: str) -> list[dict[str, Any]]:
