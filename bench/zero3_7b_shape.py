@@ -37,13 +37,13 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import deepspeed
 import torch
 from common import peak_rss_bytes, reset_peak_rss
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
 from cl_scale import distributed as dist_utils
@@ -54,30 +54,13 @@ from cl_scale.ds_config import build_ds_config
 from cl_scale.methods import build_method
 from cl_scale.methods.gainlora import GATE_SPACES, GainLoRA
 from cl_scale.modeling.wrapper import IGNORE_INDEX, ContinualModel
+from cl_scale.plan import PUBLIC_MODELS
 from cl_scale.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "llama7b_order1.yaml"
 OLD_DIRECTIONS = 16
 """Columns of each synthetic end-of-task-0 basis."""
-
-
-def llama2_7b_config(layers: int) -> LlamaConfig:
-    """The Llama-2-7B architecture (meta-llama/Llama-2-7b-hf config.json), pad id 1 as in the recipes."""
-    return LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=1,
-        tie_word_embeddings=False,
-    )
 
 
 @dataclass
@@ -214,9 +197,10 @@ def build(args: argparse.Namespace, phases: Phases) -> Stage:
     recipe = load_recipe(RECIPE, overrides)
     ds_config = build_ds_config(recipe, world)
     zero3_handle = HfDeepSpeedConfig(ds_config)  # must exist before the model is built
-    base = AutoModelForCausalLM.from_config(
-        llama2_7b_config(args.layers), dtype=torch.bfloat16, attn_implementation="sdpa"
-    )
+    config = replace(PUBLIC_MODELS[recipe.model.path], layers=args.layers).config()  # Llama-2-7B, --layers deep
+    config.pad_token_id = recipe.model.pad_token_id
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    base_parameters = sum(p.ds_numel for p in base.parameters())  # before the branches join base's modules
     phases.end("build")
     model = ContinualModel(
         base,
@@ -240,7 +224,7 @@ def build(args: argparse.Namespace, phases: Phases) -> Stage:
     batch = {k: v.to(dist_utils.accelerator_device()) for k, v in short_batch(args.tokens, dist_utils.rank()).items()}
     runner = StepRunner(1, 2, ZeroAccess(), engine, batch)
     counts = {
-        "base_parameters": sum(p.ds_numel for p in base.parameters()),
+        "base_parameters": base_parameters,
         "trainable_parameters": sum(p.ds_numel for p in trainable),
     }
     phases.end("initialize")

@@ -66,6 +66,8 @@ class ModelFacts:
                 num_key_value_heads=self.kv_heads,
                 intermediate_size=self.intermediate,
                 vocab_size=self.vocab,
+                max_position_embeddings=4096,  # both Llama-2 sizes; transformers' defaults are 2048 / 1e-6
+                rms_norm_eps=1e-5,
                 tie_word_embeddings=False,
             )
         from transformers import T5Config

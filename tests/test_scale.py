@@ -66,6 +66,13 @@ def test_base_is_partitioned(result: dict) -> None:
         assert max(peaks.values()) < limit, f"rank {index} peak resident memory by phase: {peaks}, limit {limit:.3g}"
 
 
+def test_base_is_the_llama_2_7b_architecture(result: dict) -> None:
+    vocab, intermediate = 32000, 11008
+    per_layer = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * intermediate + 2 * HIDDEN  # attention, MLP, two norms
+    assert result["base_parameters"] == 2 * vocab * HIDDEN + LAYERS * per_layer + HIDDEN  # embedding, head, final norm
+    assert result["full_bf16_copy_bytes"] == 2 * result["base_parameters"]
+
+
 def test_exactly_task_1_trains(result: dict) -> None:
     branches = LAYERS * 2 * HIDDEN * RANK  # B_1 of q_proj and v_proj in every layer (InfLoRA designs A)
     gate = 2 * GATE_HIDDEN * HIDDEN + HIDDEN  # W1, W2 and the key of gate 1
