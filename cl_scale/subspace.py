@@ -233,9 +233,10 @@ def extend_basis(
     Q (d, d - k) of u: "squared" takes the left singular vectors of Q^T C with energies sigma^2 (= the
     SVD of (I - U U^T) C of the reference, E = sum lambda^2 = ||C||_F^2); "classic" those of
     Q^T C Q with energies sigma (= GPM on the activations, E = sum lambda = trace C).
-    First task (u empty), as ALGORITHMS.md and the reference code: keep the leading directions while
-    the cumulative energy fraction, the direction itself included, stays below eps_t (at least one; so
-    at eps_t = 1 the weakest direction of the data is left out, as in the published runs).
+    First task (u empty), as docs/methods.md and the reference code: keep the leading directions while
+    the cumulative energy fraction (of the energies' own sum), the direction itself included, stays
+    below eps_t (at least one; so at eps_t = 1 the weakest direction of the data is left out, as in the
+    published runs).
     Later tasks: acc = (E - sum_j m_j) / E and u_j is appended in order while acc < eps_t, adding m_j / E.
     Directions whose singular value is at float64 noise level (<= d * eps64 * ||C||_F) carry no energy
     and are never appended, so eps_t = 1 yields the span of the data rather than the whole space.
@@ -255,7 +256,8 @@ def extend_basis(
     energies = singular**2 if energy == "squared" else singular
     eps_t = threshold_at(threshold, task_index, num_tasks)
     if u.shape[1] == 0:  # first task: the kept fraction, this direction included, stays below eps_t
-        kept = torch.cumsum(energies, 0) / total
+        cumulative = torch.cumsum(energies, 0)
+        kept = cumulative / cumulative[-1]  # one sum on both sides, so the last direction is exactly 1
         count = max(int(((kept < eps_t) & (energies > 0)).sum().item()), 1)
     else:  # later tasks: acc starts at the energy already inside span(u), checked before each append
         start = (total - energies.sum()) / total

@@ -74,6 +74,16 @@ def test_first_task_at_threshold_one_leaves_out_the_weakest_direction_like_the_r
     assert _count(_eye_columns(5), _diag(3, 2, 1, 0, 0), 1.0, "squared") == 2
 
 
+@pytest.mark.parametrize("energy", ["squared", "classic"])
+@pytest.mark.parametrize("d", [12, 32])
+def test_first_task_at_threshold_one_leaves_out_the_weakest_direction_of_random_data(d: int, energy: str) -> None:
+    # the kept fraction must reach exactly 1 at the last direction whatever the float rounding of the sums
+    first = torch.zeros(d, 0, dtype=torch.float64)
+    for seed in range(20):
+        c = _random_psd(d, 2 * d, seed)
+        assert _count(first, c, 1.0, energy) == d - 1, f"seed {seed}"
+
+
 def test_later_task_at_threshold_one_spans_exactly_the_data() -> None:
     assert _count(_eye_columns(5, 0), _diag(3, 2, 1, 0, 0), 1.0, "squared", task_index=1, num_tasks=2) == 2
 
