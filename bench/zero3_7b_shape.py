@@ -74,14 +74,9 @@ class StepRunner:
     batch: dict[str, torch.Tensor]
 
     def data_pass(self) -> None:
-        """No-grad forward of this rank's batch, with the ZeRO-3 trace restarted around it (as the trainer)."""
-        module = self.engine.module
-        module.eval()
-        dist_utils.restart_zero_trace(self.engine)
-        with torch.no_grad():
+        """No-grad forward of this rank's batch, the way the trainer runs one (`distributed.no_grad_pass`)."""
+        with dist_utils.no_grad_pass(self.engine) as module:
             module(**self.batch)
-        dist_utils.restart_zero_trace(self.engine)
-        module.train()
 
 
 def short_batch(tokens: int, seed: int) -> dict[str, torch.Tensor]:
@@ -272,14 +267,13 @@ def main(argv: list[str]) -> None:
     phases.end("snapshot")
 
     world = dist_utils.world_size()
-    per_rank: list = [None] * world
     mine = {
         "peak_rss_bytes": phases.peak_rss_bytes,
         "peak_gpu_bytes": phases.peak_gpu_bytes,
         "cpu_seconds": phases.cpu_seconds,
         "checksum": checksum,
     }
-    torch.distributed.all_gather_object(per_rank, mine)
+    per_rank = dist_utils.all_gather_object(mine)
     result = {
         "world_size": world,
         "accelerator": dist_utils.accelerator_description(),

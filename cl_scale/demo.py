@@ -51,11 +51,8 @@ def run_demo(methods: Sequence[str] = DEFAULT_METHODS, out_dir: Path = Path("run
 
     console = Console()
     # One process group for every method: DeepSpeed caches the group, so it must not be re-created.
-    distributed.init_distributed(timeout_s=600)
-    try:
+    with distributed.process_group(timeout_s=600):
         runs = {method: _run_method(recipe_path, method, out_dir, console) for method in methods}
-    finally:
-        distributed.shutdown_distributed()
     table = Table(title="Continual learning on the synthetic suite (higher AP, lower FT are better)")
     for column in ("method", "AP", "FT", "BWT", "just learned (diag)", "heat map"):
         table.add_column(column, justify="left" if column in ("method", "heat map") else "right")

@@ -9,7 +9,7 @@ which gathers, and writes both the fp32 master partition and the working copy so
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -38,10 +38,86 @@ def is_main() -> bool:
     return rank() == 0
 
 
+STRICT_ENV = "CL_SCALE_STRICT_COLLECTIVES"
+"""Set to 1 (the test suite does) to make every collective check where its tensors live."""
+
+
+class CollectiveDeviceError(RuntimeError):
+    """A tensor reached a collective on a device the live backend cannot communicate from."""
+
+
+def communication_device() -> torch.device:
+    """Where the live backend's collectives need their tensors: the rank's GPU under NCCL, the CPU under gloo.
+
+    gloo (and MPI) communicate from host memory; every other backend (NCCL, and a mixed "cpu:gloo,cuda:nccl"
+    group, which takes either) from the rank's accelerator.
+    """
+    if not is_distributed():
+        return torch.device("cpu")
+    backend = str(dist.get_backend()).lower()
+    return torch.device("cpu") if backend in ("gloo", "mpi") else _rank_device()
+
+
+def _rank_device() -> torch.device:
+    """The accelerator device of this local rank (one device per local rank)."""
+    import os
+
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(accelerator.device_name(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _bind_rank_device() -> None:
+    """Make this local rank's GPU the current device.
+
+    NCCL and the object collectives (`broadcast_object_list`, `all_gather_object`) serialise through the
+    *current* CUDA device; left at cuda:0, every rank of a node would talk through the first GPU.
+    """
+    device = _rank_device()
+    if device.type != "cpu":
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().current_device() != device.index:
+            get_accelerator().set_device(device.index)
+
+
+def _strict() -> bool:
+    import os
+
+    return os.environ.get(STRICT_ENV, "") not in ("", "0")
+
+
+def _run_collective(collective: Callable[..., object], tensor: torch.Tensor, **kwargs: object) -> None:
+    """Call the torch.distributed `collective` on `tensor`; in strict mode check the device first.
+
+    gloo accepts tensors on the CPU and NCCL does not, so a test run on gloo cannot see a collective
+    that would die on GPUs unless something compares against the backend's device: this does.
+    """
+    if _strict():
+        expected = communication_device()
+        if tensor.device != expected:
+            raise CollectiveDeviceError(
+                f"{getattr(collective, '__name__', collective)} got a tensor on {tensor.device}; the backend communicates "
+                f"from {expected} (cl_scale.distributed helpers move tensors there)"
+            )
+    collective(tensor, **kwargs)
+
+
+def _multi_rank() -> bool:
+    return is_distributed() and world_size() > 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` in place over all ranks (no-op on one rank) and return it."""
-    if is_distributed() and world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    """Sum `tensor` in place over all ranks (no-op on one rank) and return it, on the device it came from."""
+    if not _multi_rank():
+        return tensor
+    wire = tensor.to(communication_device())
+    _run_collective(dist.all_reduce, wire, op=dist.ReduceOp.SUM)
+    if wire is not tensor:
+        tensor.copy_(wire)
     return tensor
 
 
@@ -52,18 +128,52 @@ def per_rank(value: float) -> list[float]:
     return all_reduce_sum(values).tolist()
 
 
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s `tensor` on every rank, whatever shape and dtype the others hold, on the caller's device."""
+    if not _multi_rank():
+        return tensor
+    shape, dtype = broadcast_object((tuple(tensor.shape), tensor.dtype), src=src)  # type: ignore[misc]
+    device = communication_device()
+    wire = tensor.to(device) if rank() == src else torch.empty(shape, dtype=dtype, device=device)
+    _run_collective(dist.broadcast, wire, src=src)
+    return wire.to(tensor.device)
+
+
+def _prepare_object_collective() -> None:
+    """Object collectives pickle through a tensor on the current device: bind it, and check it in strict mode."""
+    _bind_rank_device()
+    if _strict():
+        expected = communication_device()
+        if expected.type == "cuda" and torch.cuda.current_device() != expected.index:
+            raise CollectiveDeviceError(
+                f"object collective on cuda:{torch.cuda.current_device()}; this rank communicates from {expected}"
+            )
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Send a picklable object from `src` to every rank."""
-    if not (is_distributed() and world_size() > 1):
+    if not _multi_rank():
         return obj
+    _prepare_object_collective()
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, device=communication_device())
     return box[0]
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's picklable `obj`, in rank order."""
+    if not _multi_rank():
+        return [obj]
+    _prepare_object_collective()
+    gathered: list[object] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def barrier() -> None:
     """Wait for every rank (no-op on one rank)."""
-    if is_distributed() and world_size() > 1:
+    if _multi_rank():
+        _bind_rank_device()
         dist.barrier()
 
 
@@ -176,8 +286,7 @@ def init_distributed(timeout_s: float) -> None:
         return
     os.environ.update(launcher_environment(dict(os.environ)))
     accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
-        accelerator.set_device(int(os.environ["LOCAL_RANK"]))  # before NCCL starts: one GPU per local rank
+    _bind_rank_device()  # before NCCL starts: one GPU per local rank
     deepspeed.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(),
         auto_mpi_discovery=False,
@@ -268,6 +377,24 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def process_group(timeout_s: float) -> Iterator[None]:
+    """A process group for the duration: started unless one is up, and then destroyed on every exit path.
+
+    A world of one without a launcher. Whoever opened the group closes it, whether the body returns, raises
+    a CLScaleError or is interrupted, so every rank exits with its own code instead of gloo's abort. A
+    failed collective inside is explained as a dead or hung peer (`explain_collective_failures`).
+    """
+    owns_group = not is_distributed()
+    init_distributed(timeout_s)
+    try:
+        with explain_collective_failures(timeout_s):
+            yield
+    finally:
+        if owns_group:
+            shutdown_distributed()
+
+
 def run_on_main(fn, *args, **kwargs):
     """Run `fn` on rank 0 only and hand its result, or its CLScaleError, to every rank."""
     from cl_scale.errors import CLScaleError
@@ -301,13 +428,42 @@ def main_first(fn, *args, **kwargs):
 def restart_zero_trace(engine: object) -> None:
     """Make ZeRO-3 record a fresh module trace on the next forward.
 
-    ZeRO-3 prefetches parameters by replaying the module order it recorded on an earlier step. A no-grad
-    pass (subspace statistics, generation) runs modules in a different order from a training step, so a
-    trace kept across that switch makes DeepSpeed fail with "tracing error". Call this at every switch.
+    ZeRO-3 prefetches parameters by replaying the module order it recorded on an earlier step. A pass that
+    calls modules in another order (a no-grad data pass, generation, the gate bank alone) either
+    invalidates that trace on its first mismatch or, where the order matches but the parameters fetched
+    differ, fails with "tracing error". So every switch between training steps and such a pass restarts
+    the trace: `no_grad_pass` does it on entry and exit, and the trainer before its first step.
+
+    The coordinator hangs off the ZeRO-3 optimizer in a training engine and is the engine's optimizer
+    itself (DeepSpeedZeRoOffload) in an inference engine; engines without ZeRO-3 have none.
     """
-    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", None) or (
+        optimizer if hasattr(optimizer, "get_param_coordinator") else None
+    )
     if offload is None:
         return
     coordinator = offload.get_param_coordinator()
     if not coordinator.is_invalid_trace():
         coordinator._invalidate_trace()
+
+
+@contextmanager
+def no_grad_pass(target: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode without gradients, with the ZeRO-3 trace restarted around the pass.
+
+    `target` is a DeepSpeed engine (the model it owns is yielded) or a plain model on one device (no trace
+    to restart). Every forward that is not a training step (data passes, generation, gate coefficients)
+    runs inside this, so no call site can forget the restart; the training mode is restored afterwards.
+    """
+    engine = target
+    module: nn.Module = getattr(target, "module", target)
+    was_training = module.training
+    module.eval()
+    restart_zero_trace(engine)
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        restart_zero_trace(engine)
+        module.train(was_training)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cl_scale.distributed import all_reduce_sum, rank, world_size
+from cl_scale.distributed import all_reduce_sum, broadcast
 from cl_scale.errors import CLScaleError
 from cl_scale.modeling.branched_linear import BranchedLinear
 from cl_scale.modeling.context import BranchContext
@@ -268,10 +268,11 @@ def extend_basis(
 
 
 def agree(tensor: torch.Tensor) -> torch.Tensor:
-    """Rank 0's value of `tensor` on every rank (collective), so decompositions cannot drift apart."""
-    if world_size() == 1:
-        return tensor
-    return all_reduce_sum(tensor.clone() if rank() == 0 else torch.zeros_like(tensor))
+    """Rank 0's value of `tensor` on every rank (collective), so decompositions cannot drift apart.
+
+    A broadcast, not a sum with zeros: a rank whose own result has another shape still ends with rank 0's.
+    """
+    return broadcast(tensor, src=0)
 
 
 class Basis:

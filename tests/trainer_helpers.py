@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from cl_scale.distributed import DEEPSPEED_SHM_PREFIX
+from cl_scale.distributed import DEEPSPEED_SHM_PREFIX, STRICT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "tests" / "multirank" / "train_recipes.py"
@@ -43,8 +43,12 @@ def write_recipe(path: Path, model_dir: Path, **sections: dict[str, Any]) -> Pat
 
 
 def environment(cache: Path, **extra: str) -> dict[str, str]:
-    """The environment of a trainer process: its own cache, unbuffered output, one thread per rank."""
-    return {**os.environ, "CL_SCALE_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+    """The environment of a trainer process: its own cache, unbuffered output, one thread per rank, and
+    strict collectives (a tensor off the backend's communication device fails, as it would under NCCL)."""
+    return {
+        **os.environ, "CL_SCALE_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+        STRICT_ENV: "1", **extra,
+    }
 
 
 def free_port() -> int:

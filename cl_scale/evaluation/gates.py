@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
+
+from cl_scale.distributed import no_grad_pass
 
 
 def is_gated(model: Any) -> bool:
@@ -17,13 +20,17 @@ def is_gated(model: Any) -> bool:
     return model.gates is not None and model.gates.num_gates > 0
 
 
-def gate_coefficients(model: Any, rows: Any, *, batch_size: int) -> torch.Tensor:
-    """(examples, gates) coefficient of every gate on every row of `rows` (a TaskRows), in row order."""
+def gate_coefficients(model: nn.Module, rows: Any, *, batch_size: int) -> torch.Tensor:
+    """(examples, gates) coefficient of every gate on every row of `rows` (a TaskRows), in row order.
+
+    `model` is the engine that owns the continual model, or the model itself on one device. The embedding
+    and gate bank run alone, in an order no training step has, hence the no-grad pass's trace restart.
+    """
     total = len(rows.rows)
     parts = []
-    with torch.no_grad():
+    with no_grad_pass(model) as continual:
         for start in range(0, total, batch_size):
             batch = rows.batch(list(range(start, min(total, start + batch_size))))
-            xbar = model.gate_input(batch["input_ids"], batch["prompt_mask"])
-            parts.append(model.gates(xbar).float().cpu())
+            xbar = continual.gate_input(batch["input_ids"], batch["prompt_mask"])
+            parts.append(continual.gates(xbar).float().cpu())
     return torch.cat(parts)

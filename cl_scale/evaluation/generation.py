@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from torch import nn
 
 from cl_scale import distributed as dist_utils
 
@@ -37,35 +37,35 @@ def metric_for(recipe: Any, task: str) -> str:
     return default_metric(task_info(recipe.data, task)) if choice == "auto" else choice
 
 
-def generate_texts(model: Any, task_rows: Any, tokenizer: Any, *, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy answers for every row of `task_rows`, in order, on every rank."""
+def generate_texts(
+    model: nn.Module, task_rows: Any, tokenizer: Any, *, batch_size: int, max_new_tokens: int
+) -> list[str]:
+    """Greedy answers for every row of `task_rows`, in order, on every rank.
+
+    `model` is the DeepSpeed engine that owns the continual model, or the continual model itself on one
+    device (see `distributed.no_grad_pass`).
+    """
     from cl_scale.sharding import even_shards
 
     world = dist_utils.world_size()
     shards = even_shards(len(task_rows.rows), batch_size=batch_size, world_size=world, rank=dist_utils.rank())
-    was_training = model.training
-    model.eval()
     mine: list[tuple[int, str]] = []
-    with torch.no_grad():
+    with dist_utils.no_grad_pass(model) as continual:
         for indices in shards:
             batch = task_rows.batch(indices)
-            new_tokens = model.generate(
+            new_tokens = continual.generate(
                 batch["input_ids"], batch["attention_mask"], batch["prompt_mask"],
                 max_new_tokens=max_new_tokens, synced_gpus=world > 1,
             )
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             mine.extend(zip(indices, (t.strip() for t in texts)))
-    model.train(was_training)
-    gathered: list[list[tuple[int, str]]] = [mine]
-    if world > 1:
-        gathered = [None] * world  # type: ignore[list-item]
-        torch.distributed.all_gather_object(gathered, mine)
+    gathered: list[list[tuple[int, str]]] = dist_utils.all_gather_object(mine)  # type: ignore[assignment]
     ordered = dict(pair for part in gathered for pair in part)
     return [ordered[i] for i in range(len(task_rows.rows))]
 
 
 def evaluate_task(
-    model: Any, recipe: Any, tokenizer: Any, kind: str, task: str, *, cache_dir: Path | None,
+    model: nn.Module, recipe: Any, tokenizer: Any, kind: str, task: str, *, cache_dir: Path | None,
     max_examples: int | None = None,
 ) -> TaskResult:
     """Generate on `task`'s test split and score it (task mean of per-example scores)."""

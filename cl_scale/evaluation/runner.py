@@ -12,8 +12,7 @@ import contextlib
 import json
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,18 +64,6 @@ def _open(run_dir: Path) -> tuple[Any, Any]:
     return run, load_recipe(run.path / "recipe.yaml")
 
 
-@contextmanager
-def _process_group(recipe: Any) -> Iterator[None]:
-    """A process group for the duration (a world of one without a launcher), closed if we opened it."""
-    owns_group = not dist_utils.is_distributed()
-    dist_utils.init_distributed(recipe.train.collective_timeout_s)
-    try:
-        yield
-    finally:
-        if owns_group:
-            dist_utils.shutdown_distributed()
-
-
 def _console() -> Any:
     from rich.console import Console
 
@@ -111,7 +98,7 @@ def _gate_matrix(stage: Any, recipe: Any, tasks: list[str]) -> list[list[float]]
         rows = prepare_task(
             recipe, stage.tokenizer, stage.kind, task, "test", prompts_only=True, cache_dir=_cache_dir()
         )
-        coefs[index] = gate_coefficients(stage.model, rows, batch_size=recipe.eval.batch_size)
+        coefs[index] = gate_coefficients(stage.engine, rows, batch_size=recipe.eval.batch_size)
     return gate_matrix(coefs)
 
 
@@ -126,7 +113,7 @@ def _evaluate_stage(
     with load_stage_model(recipe, run, index) as stage:
         for task in tasks:
             results[task] = evaluate_task(
-                stage.model, recipe, stage.tokenizer, stage.kind, task,
+                stage.engine, recipe, stage.tokenizer, stage.kind, task,
                 cache_dir=_cache_dir(), max_examples=max_examples,
             )
             progress(f"after stage {index + 1}, {task}: {results[task].metric} {results[task].score:.2f}")
@@ -247,7 +234,7 @@ def _print_report(console: Any, report: RunReport, max_examples: int | None) -> 
 def evaluate_run(run_dir: Path, *, max_examples: int | None = None) -> RunReport:
     """Fill every missing cell of a run's matrix, print the matrix, metrics and diagnostics, write the files."""
     run, recipe = _open(run_dir)
-    with _process_group(recipe):
+    with dist_utils.process_group(recipe.train.collective_timeout_s):
         console = _console()
         report = _evaluate(run, recipe, max_examples, console)
         _print_report(console, report, max_examples)
@@ -259,7 +246,7 @@ def compare_runs(run_dirs: Sequence[Path], *, max_examples: int | None = None) -
     from cl_scale.evaluation.report import compare_table, metrics_caption
 
     opened = [_open(path) for path in run_dirs]
-    with _process_group(opened[0][1]):
+    with dist_utils.process_group(opened[0][1].train.collective_timeout_s):
         console = _console()
         reports = [_evaluate(run, recipe, max_examples, console) for run, recipe in opened]
         for report in reports:
@@ -307,12 +294,12 @@ def _answer(
     from cl_scale.evaluation.user_prompts import prompt_rows
 
     batch = recipe.eval.batch_size
-    with _process_group(recipe), load_stage_model(recipe, run, index) as loaded:
+    with dist_utils.process_group(recipe.train.collective_timeout_s), load_stage_model(recipe, run, index) as loaded:
         rows = prompt_rows(prompts, loaded.tokenizer, loaded.kind, recipe)
         answers = generate_texts(
-            loaded.model, rows, loaded.tokenizer, batch_size=batch, max_new_tokens=recipe.eval.max_new_tokens
+            loaded.engine, rows, loaded.tokenizer, batch_size=batch, max_new_tokens=recipe.eval.max_new_tokens
         )
-        coefs = gate_coefficients(loaded.model, rows, batch_size=batch) if is_gated(loaded.model) else None
+        coefs = gate_coefficients(loaded.engine, rows, batch_size=batch) if is_gated(loaded.model) else None
         main = dist_utils.is_main()
     gates = None if coefs is None else {task: coefs[:, i].tolist() for i, task in enumerate(run.tasks[: index + 1])}
     return answers, gates, main

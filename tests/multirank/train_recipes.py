@@ -15,12 +15,9 @@ from cl_scale.trainer import run_training
 def main(argv: list[str]) -> None:
     pairs = list(zip(argv[0::2], argv[1::2]))
     recipes = [load_recipe(recipe) for recipe, _ in pairs]
-    distributed.init_distributed(recipes[0].train.collective_timeout_s)
-    try:
+    with distributed.process_group(recipes[0].train.collective_timeout_s):
         for recipe, (_, run_dir) in zip(recipes, pairs):
             run_training(recipe, resume=False, run_dir=run_dir, allow_changed_recipe=False)
-    finally:
-        distributed.shutdown_distributed()
 
 
 if __name__ == "__main__":
