@@ -38,19 +38,13 @@ class StageRunner:
         """No-grad forward over this rank's shard of the training data, same batch count on every rank."""
         from cl_scale.sharding import even_shards
 
-        module = self.engine.module
-        was_training = module.training
-        module.eval()
         shards = even_shards(
             len(self.train_rows.rows), batch_size=self.batch_size,
             world_size=dist_utils.world_size(), rank=dist_utils.rank(),
         )
-        dist_utils.restart_zero_trace(self.engine)
-        with torch.no_grad():
+        with dist_utils.no_grad_pass(self.engine) as module:
             for indices in shards:
                 module(**self.train_rows.batch(indices))
-        dist_utils.restart_zero_trace(self.engine)
-        module.train(was_training)
 
 
 @dataclass
@@ -85,12 +79,9 @@ def run_training(recipe: Any, *, resume: bool, run_dir: str | Path | None, allow
 
     require_tensorboard(recipe)
     datasets.disable_progress_bars()
-    owns_group = not dist_utils.is_distributed()
-    timeout = recipe.train.collective_timeout_s
-    dist_utils.init_distributed(timeout)
     session: Session | None = None
     try:
-        with dist_utils.explain_collective_failures(timeout):
+        with dist_utils.process_group(recipe.train.collective_timeout_s):
             tasks = resolve_tasks(recipe.data.order, recipe.data.tasks)
             check_tasks(recipe.data, tasks)
             ds_config = build_ds_config(recipe, dist_utils.world_size())
@@ -105,8 +96,6 @@ def run_training(recipe: Any, *, resume: bool, run_dir: str | Path | None, allow
     finally:
         if session is not None and session.tensorboard is not None:
             session.tensorboard.close()
-        if owns_group:
-            dist_utils.shutdown_distributed()
 
 
 def _versions() -> dict[str, str]:
@@ -140,7 +129,7 @@ def _open_run_dir(recipe: Any, path: Path, tasks: list[str], *, resume: bool, al
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
-    def open_or_create() -> None:
+    def open_or_create() -> dict[str, Any]:
         if not resume:
             manifest = {
                 "name": recipe.name,
@@ -150,8 +139,7 @@ def _open_run_dir(recipe: Any, path: Path, tasks: list[str], *, resume: bool, al
                 **{k: session[k] for k in ("world_size", "global_batch", "per_device_batch", "seed", "versions")},
                 "sessions": [session],
             }
-            rundir.create_run(path, recipe_to_yaml(recipe), manifest)
-            return
+            return rundir.create_run(path, recipe_to_yaml(recipe), manifest).manifest
         run = rundir.open_run(path)
         changes = diff_recipes(run.recipe_dict(), recipe_to_dict(recipe))
         if changes and not allow_changed_recipe:
@@ -162,9 +150,10 @@ def _open_run_dir(recipe: Any, path: Path, tasks: list[str], *, resume: bool, al
         run.discard_unfinished()
         run.manifest.setdefault("sessions", []).append({**session, "recipe_changes": changes})
         run.save_manifest()
+        return run.manifest
 
-    dist_utils.run_on_main(open_or_create)
-    return rundir.open_run(path)
+    # rank 0 owns the manifest; the others get its copy instead of reading a file that may lag behind
+    return rundir.RunDir(path, dist_utils.run_on_main(open_or_create))
 
 
 def _start_session(recipe: Any, run: Any, tasks: list[str], ds_config: dict[str, Any]) -> Session:
@@ -245,7 +234,7 @@ def _train_stage(session: Session, index: int) -> None:
     gc.collect()  # measured once the engine is gone, so growth from stage to stage is what engines leave behind
     rss = resident_memory_mb()
     memory = None if rss is None else [round(m, 1) for m in dist_utils.per_rank(rss)]
-    dist_utils.run_on_main(_commit_stage, session, index, outcome, memory)
+    session.run.manifest = dist_utils.run_on_main(_commit_stage, session, index, outcome, memory)
     if outcome.results:
         if session.tensorboard is not None:
             session.tensorboard.log_scores({t: r.score for t, r in outcome.results.items()}, index + 1)
@@ -277,8 +266,7 @@ def _run_engine(session: Session, index: int, train_rows: Any) -> StageOutcome:
         log = _train_epochs(session, engine, runner)
         session.method.after_task(runner)
         snapshot = _snapshot(session)
-        dist_utils.restart_zero_trace(engine)
-        return StageOutcome(snapshot, log, _evaluate_stage(session, index), counts)
+        return StageOutcome(snapshot, log, _evaluate_stage(session, engine, index), counts)
     finally:
         engine.destroy()
 
@@ -299,7 +287,6 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner) -> list[di
     ]
     accumulation = engine.gradient_accumulation_steps()
     total_steps = sum(len(p) for p in plans) // accumulation
-    # TensorBoard's step offset; rank 0, the one that writes, holds the current manifest
     earlier_steps = sum(s["steps"] for s in session.run.manifest["stages"] if s["index"] < runner.task_index)
     log: list[dict[str, Any]] = []
     engine.train()
@@ -355,7 +342,7 @@ def _evaluated_stages(recipe: Any, num_tasks: int) -> set[int]:
     return {k - 1 for k in stages if k <= num_tasks}
 
 
-def _evaluate_stage(session: Session, index: int) -> dict[str, Any]:
+def _evaluate_stage(session: Session, engine: Any, index: int) -> dict[str, Any]:
     from cl_scale.evaluation.generation import evaluate_task
 
     if index not in _evaluated_stages(session.recipe, len(session.tasks)):
@@ -363,14 +350,19 @@ def _evaluate_stage(session: Session, index: int) -> dict[str, Any]:
     results = {}
     for task in session.tasks[: index + 1]:
         results[task] = evaluate_task(
-            session.model, session.recipe, session.state.tokenizer, session.state.kind, task, cache_dir=session.cache_dir
+            engine, session.recipe, session.state.tokenizer, session.state.kind, task, cache_dir=session.cache_dir
         )
         session.console.print(f"  eval {task}: {results[task].metric} {results[task].score:.2f}")
     return results
 
 
-def _commit_stage(session: Session, index: int, outcome: StageOutcome, memory: list[float] | None) -> None:
-    """Rank 0: write stage `index` atomically and record it (parameter counts, steps, RSS per rank in MiB)."""
+def _commit_stage(
+    session: Session, index: int, outcome: StageOutcome, memory: list[float] | None
+) -> dict[str, Any]:
+    """Rank 0: write stage `index` atomically and record it (parameter counts, steps, RSS per rank in MiB).
+
+    Returns the updated manifest, which every rank then holds (one source of truth: rank 0's).
+    """
     from safetensors.torch import save_file
 
     from cl_scale import atomic
@@ -392,6 +384,7 @@ def _commit_stage(session: Session, index: int, outcome: StageOutcome, memory: l
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     session.run.commit_stage(index, write, record)
+    return session.run.manifest
 
 
 def _print_matrix(session: Session) -> None:
