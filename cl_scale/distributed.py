@@ -425,6 +425,29 @@ def main_first(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
+@contextmanager
+def deepspeed_engine(
+    model: nn.Module,
+    config: dict,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> Iterator[nn.Module]:
+    """A DeepSpeed engine around `model` (training with an optimizer, inference without), destroyed on exit.
+
+    The one place engines are made: a stage's training engine and a finished stage's inference engine
+    are built and torn down alike, so hooks and partitions never outlive the stage that needed them.
+    Collective: every rank enters together.
+    """
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config)
+    try:
+        yield engine
+    finally:
+        engine.destroy()
+
+
 def restart_zero_trace(engine: object) -> None:
     """Make ZeRO-3 record a fresh module trace on the next forward.
 

@@ -243,8 +243,6 @@ def _train_stage(session: Session, index: int) -> None:
 
 def _run_engine(session: Session, index: int, train_rows: Any) -> StageOutcome:
     """Everything that needs stage `index`'s DeepSpeed engine, which is torn down on every exit path."""
-    import deepspeed
-
     from cl_scale.continual_state import stage_generator
 
     recipe = session.recipe
@@ -252,10 +250,9 @@ def _run_engine(session: Session, index: int, train_rows: Any) -> StageOutcome:
     trainable = session.method.trainable_parameters(index)
     optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe.train.warmup_steps))
-    engine, _, _, _ = deepspeed.initialize(
-        model=session.model, optimizer=optimizer, lr_scheduler=scheduler, config=session.ds_config
-    )
-    try:
+    with dist_utils.deepspeed_engine(
+        session.model, session.ds_config, optimizer=optimizer, lr_scheduler=scheduler
+    ) as engine:
         counts = _parameter_counts(session.model, trainable)
         session.console.print(
             f"parameters: total {counts['total']:,}  trainable {counts['trainable']:,}  "
@@ -267,8 +264,6 @@ def _run_engine(session: Session, index: int, train_rows: Any) -> StageOutcome:
         session.method.after_task(runner)
         snapshot = _snapshot(session)
         return StageOutcome(snapshot, log, _evaluate_stage(session, engine, index), counts)
-    finally:
-        engine.destroy()
 
 
 def _train_epochs(session: Session, engine: Any, runner: StageRunner) -> list[dict[str, Any]]:

@@ -58,17 +58,12 @@ def load_stage_model(recipe: Any, run: Any, index: int) -> Iterator[StageModel]:
 
     A snapshot that does not match the recipe fails in `restore_stage` with one clear message.
     """
-    import deepspeed
-
     from cl_scale.continual_state import build_state, restore_stage
 
     config = inference_ds_config(recipe, dist_utils.world_size())
     state = build_state(recipe, config, len(run.tasks))
     restore_stage(state, recipe, run.stage_dir(index), index)
     state.model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=state.model, config=config)
-    engine.eval()
-    try:
+    with dist_utils.deepspeed_engine(state.model, config) as engine:
+        engine.eval()
         yield StageModel(state, engine)
-    finally:
-        engine.destroy()
