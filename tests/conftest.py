@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import string
 from pathlib import Path
 
@@ -11,8 +12,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from cl_scale.data.prompts import build_prompt
 from cl_scale.data.synthetic import SYNTHETIC_TASKS, load_synthetic, pretraining_texts
 from cl_scale.data.tokenizer import train_sentencepiece_tokenizer
+from cl_scale.distributed import STRICT_ENV
 
 CL_BENCHMARK = Path(__file__).resolve().parents[1].parent / "shared" / "CL_Benchmark"
+
+# Strict collectives for this process and every process a test launches (they inherit the environment):
+# a tensor off the backend's communication device fails here as it would under NCCL (docs/DISTRIBUTED.md).
+os.environ.setdefault(STRICT_ENV, "1")
 
 # Lines shaped like both published prompt formats, so benchmark-like text tokenises without surprises.
 _BENCHMARK_LIKE = [
