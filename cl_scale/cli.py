@@ -268,6 +268,39 @@ def generate(
 
 
 @app.command()
+def export(
+    run_dir: RunDirArg,
+    out: Annotated[Path, typer.Option("--out", help="Folder to write (must be empty or absent).", show_default=False)],
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="peft: one standard PEFT LoRA adapter of rank K·r holding every task's branch (PeftModel, vLLM "
+            "--enable-lora), methods without gates. merged: the base with every branch folded into its weights, "
+            "a plain transformers checkpoint with its tokenizer, methods without gates. gated: GainLoRA's per-task "
+            "PEFT adapters, gate bank and JSON config, loaded by cl_scale.load_exported (docs/export.md).",
+        ),
+    ] = "peft",
+    stage: Annotated[
+        Optional[int],
+        typer.Option("--stage", min=1, help="Export the model after stage K (1-based); default the last finished stage.",
+                     show_default=False),
+    ] = None,
+    per_task: Annotated[
+        bool, typer.Option("--per-task", help="With --format peft: write each task's branch as its own adapter.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
+) -> None:
+    """Write a trained stage as PEFT adapters, merged weights or (GainLoRA) a gated package.
+
+    Example: cl-scale export runs/demo_inclora --out exports/inclora --format peft
+    """
+    from cl_scale.export import export_cli
+
+    export_cli(run_dir, out, stage=stage, fmt=format_, per_task=per_task, force=force)
+
+
+@app.command()
 def plan(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
