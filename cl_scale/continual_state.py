@@ -1,19 +1,35 @@
-"""Build a recipe's continual model and method, and bring them to the state after any finished stage.
+"""The recipe's model at stage k: build the continual model and method, bring them to any finished stage.
 
-Shared by training (resume) and evaluation (`cl-scale eval` / `generate` load a stage snapshot), so the
-model a stage is evaluated with is built exactly the way it was trained.
+The one place that knows how: training builds it (and restores finished stages on resume), evaluation
+and `generate` load a stage into an inference engine (`load_stage_model`), and a single device without
+DeepSpeed (notebooks, export) restores a stage into the plain model. So the model a stage is evaluated,
+answered or exported with is built exactly the way it was trained.
+
+Inference always runs under an engine, on every rank, the way training evaluated:
+- ZeRO-3: the base was partitioned while loading; only the engine's hooks gather it in a forward.
+- ZeRO-1/2 partition optimizer state, which inference has none of (and DeepSpeed refuses them without an
+  optimizer), so those configs run as stage 0: every rank holds the whole model, and the engine still
+  puts it on this rank's device in the recipe's dtype.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from cl_scale import distributed as dist_utils
 from cl_scale.errors import CLScaleError
+
+if TYPE_CHECKING:
+    from cl_scale.modeling.wrapper import ContinualModel
+    from cl_scale.recipe import Recipe
+    from cl_scale.rundir import RunDir
 
 SNAPSHOT = "snapshot.safetensors"
 METHOD_STATE = "method.safetensors"
@@ -31,7 +47,7 @@ class ContinualState:
     """Keeps transformers' ZeRO-3 integration alive while the model is in use."""
 
 
-def build_state(recipe: Any, ds_config: dict[str, Any] | None, num_tasks: int) -> ContinualState:
+def build_state(recipe: Recipe, ds_config: dict[str, Any] | None, num_tasks: int) -> ContinualState:
     """Load the frozen base (partitioned under ZeRO-3), wrap it and create the recipe's method."""
     from cl_scale.methods import build_method
     from cl_scale.modeling.loading import load_base_model, load_tokenizer, model_dir
@@ -54,12 +70,12 @@ def build_state(recipe: Any, ds_config: dict[str, Any] | None, num_tasks: int) -
     return ContinualState(tokenizer, loaded.kind, model, method, loaded.zero3_handle)
 
 
-def stage_generator(recipe: Any, index: int) -> torch.Generator:
+def stage_generator(recipe: Recipe, index: int) -> torch.Generator:
     """The seeded generator stage `index` grows its parameters from: the same on every rank and on resume."""
     return torch.Generator().manual_seed(recipe.train.seed * 7919 + index)
 
 
-def restore_stage(state: ContinualState, recipe: Any, stage_dir: Path, stage_index: int) -> None:
+def restore_stage(state: ContinualState, recipe: Recipe, stage_dir: Path, stage_index: int) -> None:
     """Grow stages 0..stage_index and load their values from `stage_dir` (before any engine is built)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -89,3 +105,53 @@ def restore_stage(state: ContinualState, recipe: Any, stage_dir: Path, stage_ind
     names = sorted(params)
     LocalAccess().write([params[n] for n in names], [snapshot[n] for n in names])
     state.method.load_state_tensors(method_state)
+
+
+@dataclass
+class StageModel:
+    """A rebuilt stage: tokenizer, model kind, the continual model and the engine that owns it."""
+
+    state: ContinualState
+    engine: nn.Module
+
+    @property
+    def model(self) -> ContinualModel:
+        return self.state.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.state.tokenizer
+
+    @property
+    def kind(self) -> str:
+        return self.state.kind
+
+
+def inference_ds_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
+    """The run's DeepSpeed config for inference on `world_size` ranks.
+
+    Evaluation may use another number of ranks than training; no optimizer step happens, so the global
+    batch is set to what this world holds and the training layout check cannot refuse it.
+    """
+    from cl_scale.ds_config import build_ds_config, zero_stage
+
+    train = recipe.train.model_copy(update={"global_batch": recipe.train.per_device_batch * world_size})
+    config = build_ds_config(recipe.model_copy(update={"train": train}), world_size)
+    if zero_stage(config) != 3:
+        config["zero_optimization"] = {"stage": 0}
+    return config
+
+
+@contextmanager
+def load_stage_model(recipe: Recipe, run: RunDir, index: int) -> Iterator[StageModel]:
+    """Build the recipe's model, load stage `index` (0-based) and wrap it; collective, call on every rank.
+
+    A snapshot that does not match the recipe fails in `restore_stage` with one clear message.
+    """
+    config = inference_ds_config(recipe, dist_utils.world_size())
+    state = build_state(recipe, config, len(run.tasks))
+    restore_stage(state, recipe, run.stage_dir(index), index)
+    state.model.requires_grad_(False)
+    with dist_utils.deepspeed_engine(state.model, config) as engine:
+        engine.eval()
+        yield StageModel(state, engine)

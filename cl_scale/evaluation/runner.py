@@ -107,7 +107,7 @@ def _evaluate_stage(
 ) -> tuple[dict[str, Any], list[list[float]] | None]:
     """TaskResults of `tasks` after stage `index`, and the gate matrix if asked; the model is freed on return."""
     from cl_scale.evaluation.generation import evaluate_task
-    from cl_scale.evaluation.stage_model import load_stage_model
+    from cl_scale.continual_state import load_stage_model
 
     results = {}
     with load_stage_model(recipe, run, index) as stage:
@@ -290,7 +290,7 @@ def _answer(
     """Answers to `prompts` after stage `index`, each task's gate coefficients (GainLoRA), and whether on rank 0."""
     from cl_scale.evaluation.gates import gate_coefficients, is_gated
     from cl_scale.evaluation.generation import generate_texts
-    from cl_scale.evaluation.stage_model import load_stage_model
+    from cl_scale.continual_state import load_stage_model
     from cl_scale.evaluation.user_prompts import prompt_rows
 
     batch = recipe.eval.batch_size
