@@ -79,3 +79,9 @@ def test_two_rank_generation_matches_one_rank(worlds) -> None:
             two = [json.loads(x) for x in (worlds[2][method] / path).read_text().splitlines()]
             assert [r["id"] for r in two] == [r["id"] for r in one]
             assert [r["prediction"] for r in two] == [r["prediction"] for r in one]
+
+
+def test_peft_export_of_a_two_rank_run_gives_its_stage_models_logits(worlds, tmp_path) -> None:
+    from tests.export_helpers import assert_peft_export_matches
+
+    assert_peft_export_matches(worlds[2]["nlora"], tmp_path / "peft")
