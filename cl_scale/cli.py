@@ -262,7 +262,7 @@ def generate(
     """
     if (input_ is None) == (prompt is None):
         raise CLScaleError("give exactly one of --input FILE.jsonl or --prompt TEXT", "e.g. --prompt \"Hello\"")
-    from cl_scale.evaluation.runner import generate_cli
+    from cl_scale.generate import generate_cli
 
     generate_cli(run_dir, stage=stage, input_path=input_, prompt=prompt)
 

@@ -47,6 +47,34 @@ class ContinualState:
     """Keeps transformers' ZeRO-3 integration alive while the model is in use."""
 
 
+def resolve_stage(run: RunDir, stage: int | None) -> int:
+    """The 0-based index of 1-based `stage` (default: the last of the stages finished in order), checked."""
+    from cl_scale.evaluation.cells import finished_prefix
+
+    finished = finished_prefix(run)
+    if finished == 0:
+        raise CLScaleError(
+            f"{run.path} has no finished stage",
+            f"finish at least one stage: cl-scale train {run.path / 'recipe.yaml'} --run-dir {run.path} --resume",
+        )
+    index = (finished if stage is None else stage) - 1
+    if not 0 <= index < finished:
+        raise CLScaleError(
+            f"{run.path} has {finished} finished stage(s); stage {index + 1} does not exist",
+            f"pick --stage between 1 and {finished}",
+        )
+    return index
+
+
+def open_run_recipe(run_dir: str | Path) -> tuple[RunDir, Recipe]:
+    """The run directory and the recipe it was trained with."""
+    from cl_scale.recipe import load_recipe
+    from cl_scale.rundir import open_run
+
+    run = open_run(Path(run_dir))
+    return run, load_recipe(run.path / "recipe.yaml")
+
+
 def build_state(recipe: Recipe, ds_config: dict[str, Any] | None, num_tasks: int) -> ContinualState:
     """Load the frozen base (partitioned under ZeRO-3), wrap it and create the recipe's method."""
     from cl_scale.methods import build_method

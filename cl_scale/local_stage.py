@@ -18,14 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cl_scale.errors import CLScaleError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from cl_scale.modeling.wrapper import ContinualModel
     from cl_scale.recipe import Recipe
-    from cl_scale.rundir import RunDir
 
 
 @dataclass
@@ -64,37 +62,9 @@ class LocalStage:
         return {task: coefs[:, i].tolist() for i, task in enumerate(self.tasks)}
 
     def _rows(self, prompts: Sequence[str]) -> object:
-        from cl_scale.evaluation.user_prompts import prompt_rows
+        from cl_scale.generate import prompt_rows
 
         return prompt_rows(list(prompts), self.tokenizer, self.kind, self.recipe)
-
-
-def resolve_stage(run: RunDir, stage: int | None) -> int:
-    """The 0-based index of 1-based `stage` (default: the last of the stages finished in order), checked."""
-    from cl_scale.evaluation.cells import finished_prefix
-
-    finished = finished_prefix(run)
-    if finished == 0:
-        raise CLScaleError(
-            f"{run.path} has no finished stage",
-            f"finish at least one stage: cl-scale train {run.path / 'recipe.yaml'} --run-dir {run.path} --resume",
-        )
-    index = (finished if stage is None else stage) - 1
-    if not 0 <= index < finished:
-        raise CLScaleError(
-            f"{run.path} has {finished} finished stage(s); stage {index + 1} does not exist",
-            f"pick --stage between 1 and {finished}",
-        )
-    return index
-
-
-def open_run_recipe(run_dir: str | Path) -> tuple[RunDir, Recipe]:
-    """The run directory and the recipe it was trained with."""
-    from cl_scale.recipe import load_recipe
-    from cl_scale.rundir import open_run
-
-    run = open_run(Path(run_dir))
-    return run, load_recipe(run.path / "recipe.yaml")
 
 
 def load_run(run_dir: str | Path, stage: int | None = None) -> LocalStage:
@@ -103,7 +73,7 @@ def load_run(run_dir: str | Path, stage: int | None = None) -> LocalStage:
     The whole model must fit that device; a model that needs sharding is evaluated with `cl-scale generate`
     under the DeepSpeed launcher instead.
     """
-    from cl_scale.continual_state import build_state, restore_stage
+    from cl_scale.continual_state import build_state, open_run_recipe, resolve_stage, restore_stage
 
     run, recipe = open_run_recipe(run_dir)
     index = resolve_stage(run, stage)

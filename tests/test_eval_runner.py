@@ -23,7 +23,7 @@ from typer.testing import CliRunner, Result
 from cl_scale.cli import app
 from cl_scale.evaluation.run_diagnostics import DIAGNOSTICS_JSON, run_branch_diagnostics
 from cl_scale.evaluation.runner import QUICK_LOOK, method_label
-from cl_scale.evaluation.user_prompts import read_prompts
+from cl_scale.generate import read_prompts
 from cl_scale.recipe import MethodConfig, load_recipe
 from tests.trainer_helpers import REPO, launch, write_recipe
 

@@ -1,4 +1,4 @@
-"""`cl-scale eval`, `cl-scale eval --compare` and `cl-scale generate` on a finished (or partly finished) run.
+"""`cl-scale eval` and `cl-scale eval --compare` on a finished (or partly finished) run.
 
 Every rank runs the same code (generation and gate forwards are collective under ZeRO-3); only rank 0
 prints and writes. Stage results are written only from full test sets: with `max_examples` the newly
@@ -8,16 +8,14 @@ run's own matrix files, so a quick look can never replace a good result with a p
 
 from __future__ import annotations
 
-import contextlib
-import json
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cl_scale import distributed as dist_utils
+from cl_scale.continual_state import open_run_recipe
 from cl_scale.errors import CLScaleError
 from cl_scale.evaluation.metrics import Metrics
 
@@ -53,15 +51,6 @@ def method_label(method_cfg: Any) -> str:
 def order_label(run: Any) -> str:
     """The run's named task order, or its tasks in order when the recipe listed them."""
     return run.manifest.get("order") or " → ".join(run.tasks)
-
-
-def _open(run_dir: Path) -> tuple[Any, Any]:
-    """The run directory and the recipe it was trained with (clear errors for anything else)."""
-    from cl_scale.recipe import load_recipe
-    from cl_scale.rundir import open_run
-
-    run = open_run(Path(run_dir))
-    return run, load_recipe(run.path / "recipe.yaml")
 
 
 def _console() -> Any:
@@ -233,7 +222,7 @@ def _print_report(console: Any, report: RunReport, max_examples: int | None) -> 
 
 def evaluate_run(run_dir: Path, *, max_examples: int | None = None) -> RunReport:
     """Fill every missing cell of a run's matrix, print the matrix, metrics and diagnostics, write the files."""
-    run, recipe = _open(run_dir)
+    run, recipe = open_run_recipe(run_dir)
     with dist_utils.process_group(recipe.train.collective_timeout_s):
         console = _console()
         report = _evaluate(run, recipe, max_examples, console)
@@ -245,7 +234,7 @@ def compare_runs(run_dirs: Sequence[Path], *, max_examples: int | None = None) -
     """Evaluate each run as needed, then print them side by side: methods as rows, task orders as columns."""
     from cl_scale.evaluation.report import compare_table, metrics_caption
 
-    opened = [_open(path) for path in run_dirs]
+    opened = [open_run_recipe(path) for path in run_dirs]
     with dist_utils.process_group(opened[0][1].train.collective_timeout_s):
         console = _console()
         reports = [_evaluate(run, recipe, max_examples, console) for run, recipe in opened]
@@ -255,71 +244,3 @@ def compare_runs(run_dirs: Sequence[Path], *, max_examples: int | None = None) -
             compare_table([{"method": r.label, "order": r.order, "metrics": r.metrics.as_dict()} for r in reports])
         )
     return reports
-
-
-def _shorten(text: str, width: int = 120) -> str:
-    """The end of a long prompt, where the input and the answer cue are."""
-    return text if len(text) <= width else "…" + text[-width:]
-
-
-def _print_answers(prompts: list[str], answers: list[str], gates: dict[str, list[float]] | None) -> None:
-    """A table on a terminal; one JSON object per prompt otherwise (for pipes and files)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    rows = [
-        {"prompt": p, "answer": a, **({} if gates is None else {"gates": {t: c[i] for t, c in gates.items()}})}
-        for i, (p, a) in enumerate(zip(prompts, answers))
-    ]
-    if not console.is_terminal:
-        sys.stdout.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        return
-    table = Table(title="Answers" + ("" if gates is None else " and gate coefficients"))
-    for name in ("#", "prompt", "answer", *(f"gate {t}" for t in gates or {})):
-        table.add_column(name, justify="right" if name.startswith("gate") else "left")
-    for number, row in enumerate(rows, 1):
-        coefs = [f"{v:.3f}" for v in row.get("gates", {}).values()]
-        table.add_row(str(number), _shorten(row["prompt"]), row["answer"], *coefs)
-    console.print(table)
-
-
-def _answer(
-    run: Any, recipe: Any, index: int, prompts: list[str]
-) -> tuple[list[str], dict[str, list[float]] | None, bool]:
-    """Answers to `prompts` after stage `index`, each task's gate coefficients (GainLoRA), and whether on rank 0."""
-    from cl_scale.evaluation.gates import gate_coefficients, is_gated
-    from cl_scale.evaluation.generation import generate_texts
-    from cl_scale.continual_state import load_stage_model
-    from cl_scale.evaluation.user_prompts import prompt_rows
-
-    batch = recipe.eval.batch_size
-    with dist_utils.process_group(recipe.train.collective_timeout_s), load_stage_model(recipe, run, index) as loaded:
-        rows = prompt_rows(prompts, loaded.tokenizer, loaded.kind, recipe)
-        answers = generate_texts(
-            loaded.engine, rows, loaded.tokenizer, batch_size=batch, max_new_tokens=recipe.eval.max_new_tokens
-        )
-        coefs = gate_coefficients(loaded.engine, rows, batch_size=batch) if is_gated(loaded.model) else None
-        main = dist_utils.is_main()
-    gates = None if coefs is None else {task: coefs[:, i].tolist() for i, task in enumerate(run.tasks[: index + 1])}
-    return answers, gates, main
-
-
-def generate_cli(run_dir: Path, *, stage: int | None, input_path: Path | None, prompt: str | None) -> None:
-    """Answer prompts with the model after stage K (default: the last finished), no task id; GainLoRA's gates shown."""
-    from cl_scale.evaluation.cells import finished_prefix
-    from cl_scale.evaluation.user_prompts import read_prompts
-
-    run, recipe = _open(run_dir)
-    finished = finished_prefix(run)
-    index = (finished if stage is None else stage) - 1
-    if not 0 <= index < finished:
-        raise CLScaleError(
-            f"{run.path} has {finished} finished stage(s); stage {index + 1} cannot be used",
-            f"pick --stage between 1 and {finished}" if finished else "finish a stage first (cl-scale train --resume)",
-        )
-    prompts = read_prompts(input_path, prompt, recipe, run.tasks)
-    with contextlib.redirect_stdout(sys.stderr):  # library chatter must not mix with the answers on stdout
-        answers, gates, main = _answer(run, recipe, index, prompts)
-    if main:
-        _print_answers(prompts, answers, gates)
