@@ -12,12 +12,11 @@ from cl_scale.errors import CLScaleError
 from cl_scale.evaluation import diagnostics
 from cl_scale.evaluation.diagnostics import (
     branch_diagnostics,
-    diagnostics_table,
     gate_matrix,
-    gate_table,
     parameter_collision_rate,
     task_orthogonality,
 )
+from cl_scale.evaluation.report import diagnostics_table, gate_table
 
 
 def t(rows: list[list[float]]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""N-LoRA's branch diagnostics and GainLoRA's gate matrix, computed from plain tensors.
+"""N-LoRA's branch diagnostics and GainLoRA's gate matrix, computed from plain tensors (their tables: report.py).
 
 Inputs come from stage snapshots: `branches[module][i] = (A_i, B_i)` with `A_i: r x d_in` and
 `B_i: d_out x r` for task i. A full `Delta W = s B A` of a 13B layer is 100 MB in fp32, so the work goes one
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from itertools import combinations
 
 import torch
-from rich.table import Table
 
 from cl_scale.errors import CLScaleError
 
@@ -137,31 +136,3 @@ def branch_diagnostics(branches: Branches, scaling: float, tol: float = DEFAULT_
         collision_tol=tol,
         orthogonality=task_orthogonality(branches),
     )
-
-
-def diagnostics_table(diag: BranchDiagnostics) -> Table:
-    """The N-LoRA diagnostics as a two-column table, the tolerance printed beside the collision rate."""
-    table = Table(title="Branch diagnostics (N-LoRA)")
-    table.add_column("diagnostic", style="bold")
-    table.add_column("value", justify="right")
-    table.add_row(f"parameter collision rate (|v| > {diag.collision_tol:g})", f"{diag.collision_rate:.4%}")
-    table.add_row(
-        "task orthogonality  sum ||A_i A_j^T||_F^2  (lower = more orthogonal)", f"{diag.orthogonality:.4g}"
-    )
-    return table
-
-
-def gate_table(gates: Sequence[Sequence[float]], task_names: Sequence[str]) -> Table:
-    """The gate matrix as a table: rows are the inputs of a task, columns the gate of a task."""
-    if len(gates) != len(task_names) or any(len(row) != len(task_names) for row in gates):
-        raise CLScaleError(
-            f"a gate matrix of {len(gates)} rows for {len(task_names)} tasks",
-            "pass one task name per task and the matrix from `gate_matrix`",
-        )
-    table = Table(title="Mean gate coefficient (row: inputs of task, column: gate of task)")
-    table.add_column("inputs", style="bold")
-    for name in task_names:
-        table.add_column(name, justify="right")
-    for name, row in zip(task_names, gates):
-        table.add_row(name, *(f"{v:.3f}" for v in row))
-    return table

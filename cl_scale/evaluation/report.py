@@ -22,6 +22,7 @@ from rich.table import Table
 
 from cl_scale.atomic import write_json, write_text, write_with
 from cl_scale.errors import CLScaleError
+from cl_scale.evaluation.diagnostics import BranchDiagnostics
 from cl_scale.evaluation.metrics import Matrix, Metrics, ap_after_each_stage, num_tasks
 
 MATRIX_JSON = "matrix.json"
@@ -228,4 +229,32 @@ def compare_table(runs: Sequence[Mapping[str, Any]]) -> Table:
         table.add_column(order, justify="right")
     for method in methods:
         table.add_row(method, *(cells.get((method, order), MISSING) for order in orders))
+    return table
+
+
+def diagnostics_table(diag: BranchDiagnostics) -> Table:
+    """The N-LoRA diagnostics as a two-column table, the tolerance printed beside the collision rate."""
+    table = Table(title="Branch diagnostics (N-LoRA)")
+    table.add_column("diagnostic", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row(f"parameter collision rate (|v| > {diag.collision_tol:g})", f"{diag.collision_rate:.4%}")
+    table.add_row(
+        "task orthogonality  sum ||A_i A_j^T||_F^2  (lower = more orthogonal)", f"{diag.orthogonality:.4g}"
+    )
+    return table
+
+
+def gate_table(gates: Sequence[Sequence[float]], task_names: Sequence[str]) -> Table:
+    """The gate matrix as a table: rows are the inputs of a task, columns the gate of a task."""
+    if len(gates) != len(task_names) or any(len(row) != len(task_names) for row in gates):
+        raise CLScaleError(
+            f"a gate matrix of {len(gates)} rows for {len(task_names)} tasks",
+            "pass one task name per task and the matrix from `gate_matrix`",
+        )
+    table = Table(title="Mean gate coefficient (row: inputs of task, column: gate of task)")
+    table.add_column("inputs", style="bold")
+    for name in task_names:
+        table.add_column(name, justify="right")
+    for name, row in zip(task_names, gates):
+        table.add_row(name, *(f"{v:.3f}" for v in row))
     return table

@@ -200,7 +200,7 @@ def _evaluate(run: Any, recipe: Any, max_examples: int | None, console: Any) -> 
 
 
 def _print_report(console: Any, report: RunReport, max_examples: int | None) -> None:
-    from cl_scale.evaluation.diagnostics import diagnostics_table, gate_table
+    from cl_scale.evaluation.report import diagnostics_table, gate_table
     from cl_scale.evaluation.report import matrix_table
     from cl_scale.evaluation.run_diagnostics import branch_diagnostics_from_dict
 
