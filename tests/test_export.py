@@ -294,3 +294,28 @@ def test_cli_export_help_explains_every_format() -> None:
     result = runner.invoke(app, ["export", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert all(word in result.stdout for word in ("peft:", "merged:", "gated:"))
+
+
+def test_peft_merge_weighted_by_one_prompts_gates_gives_the_gated_models_logits(runs, tmp_path) -> None:
+    """The exact way to serve a gated export on an engine (docs/export.md): PEFT's `cat` merge of the task
+    adapters weighted by the request's gate coefficients equals the gated model on that request."""
+    from peft import PeftModel
+
+    out = tmp_path / "gated"
+    export_run(runs["gainlora"], out, fmt="gated")
+    config = json.loads((out / GATED_CONFIG).read_text())
+    exported = cl_scale.load_exported(out)
+    inputs = {k: v[:1] for k, v in sample_inputs(exported).items()}
+    with torch.no_grad():
+        coefs = exported.model.gates(exported.model.gate_input(inputs["input_ids"], inputs["attention_mask"]))[0]
+    assert coefs.min() < 0.99  # the coefficients are not all 1, so the weighting is exercised
+    names = [f"t{i}" for i in range(len(config["adapters"]))]
+    base = plain_model(model_dir(exported.recipe.model), exported.kind)
+    model = PeftModel.from_pretrained(base, str(out / config["adapters"][0]), adapter_name=names[0])
+    for name, adapter in zip(names[1:], config["adapters"][1:]):
+        model.load_adapter(str(out / adapter), adapter_name=name)
+    model.add_weighted_adapter(names, coefs.tolist(), adapter_name="request", combination_type="cat")
+    model.set_adapter("request")
+    with torch.no_grad():
+        got = model(**inputs).logits.float()
+    torch.testing.assert_close(got, stage_logits(exported, inputs), rtol=0, atol=1e-5)
