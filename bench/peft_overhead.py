@@ -24,6 +24,7 @@ from cl_scale.methods import build_method
 from cl_scale.modeling.tiny import build_tiny_model, tiny_llama_config
 from cl_scale.modeling.wrapper import IGNORE_INDEX, ContinualModel
 from cl_scale.recipe import MethodConfig
+from cl_scale.stage_runner import StageRunner
 
 TARGETS = ["q_proj", "v_proj"]
 Batch = dict[str, torch.Tensor]
@@ -41,23 +42,6 @@ def make_batch(vocab: int, batch: int, prompt: int, answer: int) -> Batch:
         "prompt_mask": prompt_mask,
         "labels": ids.masked_fill(prompt_mask == 1, IGNORE_INDEX),
     }
-
-
-class OneBatchRunner:
-    """The TaskRunner of a single-process run whose training data is one batch."""
-
-    def __init__(self, model: ContinualModel, batch: Batch) -> None:
-        self.model = model
-        self.batch = batch
-        self.task_index = 0
-        self.num_tasks = 1
-        self.access = LocalAccess()
-
-    def data_pass(self) -> None:
-        self.model.eval()
-        with torch.no_grad():
-            self.model(**self.batch)
-        self.model.train()
 
 
 def peft_step(base: torch.nn.Module, batch: Batch, rank: int, alpha: float, lr: float) -> Callable[[], None]:
@@ -95,7 +79,7 @@ def cl_scale_step(
     method.grow(0, torch.Generator().manual_seed(0))
     model.to(batch["input_ids"].device)
     params = method.trainable_parameters(0)
-    runner = OneBatchRunner(model, batch)
+    runner = StageRunner(0, 1, LocalAccess(), model, [batch])
     method.before_task(runner)
     model.train()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

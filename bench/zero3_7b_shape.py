@@ -56,27 +56,12 @@ from cl_scale.methods.gainlora import GATE_SPACES, GainLoRA
 from cl_scale.modeling.wrapper import IGNORE_INDEX, ContinualModel
 from cl_scale.plan import PUBLIC_MODELS
 from cl_scale.recipe import load_recipe
+from cl_scale.stage_runner import StageRunner
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "llama7b_order1.yaml"
 OLD_DIRECTIONS = 16
 """Columns of each synthetic end-of-task-0 basis."""
-
-
-@dataclass
-class StepRunner:
-    """The TaskRunner of task 1; its data is one short batch per rank."""
-
-    task_index: int
-    num_tasks: int
-    access: ZeroAccess
-    engine: object
-    batch: dict[str, torch.Tensor]
-
-    def data_pass(self) -> None:
-        """No-grad forward of this rank's batch, the way the trainer runs one (`distributed.no_grad_pass`)."""
-        with dist_utils.no_grad_pass(self.engine) as module:
-            module(**self.batch)
 
 
 def short_batch(tokens: int, seed: int) -> dict[str, torch.Tensor]:
@@ -151,9 +136,10 @@ class Phases:
         self._restart()
 
 
-def train_step(engine: object, method: GainLoRA, model: ContinualModel, runner: StepRunner) -> float:
+def train_step(engine: object, method: GainLoRA, model: ContinualModel, runner: StageRunner) -> float:
     """One optimizer step as the trainer makes it, with the update projection around it; returns the loss."""
-    output = engine(**runner.batch)
+    (batch,) = runner.batches
+    output = engine(**batch)
     loss, _ = method.loss(output.loss, model.context)
     engine.backward(loss)
     method.before_step(runner)
@@ -169,7 +155,7 @@ class Stage:
     engine: object
     method: GainLoRA
     model: ContinualModel
-    runner: StepRunner
+    runner: StageRunner
     counts: dict[str, int]
     zero3_handle: HfDeepSpeedConfig
     """Keeps transformers' ZeRO-3 integration switched on while the model is in use."""
@@ -217,7 +203,7 @@ def build(args: argparse.Namespace, phases: Phases) -> Stage:
     optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     batch = {k: v.to(dist_utils.accelerator_device()) for k, v in short_batch(args.tokens, dist_utils.rank()).items()}
-    runner = StepRunner(1, 2, ZeroAccess(), engine, batch)
+    runner = StageRunner(1, 2, ZeroAccess(), engine, [batch])
     counts = {
         "base_parameters": base_parameters,
         "trainable_parameters": sum(p.ds_numel for p in trainable),

@@ -13,38 +13,18 @@ import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cl_scale import distributed as dist_utils
 from cl_scale.distributed import ZeroAccess
 from cl_scale.errors import CLScaleError
+from cl_scale.stage_runner import ShardBatches, StageRunner
 from cl_scale.training_log import TensorBoard, open_tensorboard, require_tensorboard, resident_memory_mb, step_record
 
-
-@dataclass
-class StageRunner:
-    """The TaskRunner a method sees during one stage (see cl_scale.methods.base)."""
-
-    task_index: int
-    num_tasks: int
-    access: Any
-    engine: Any
-    train_rows: Any
-    batch_size: int
-
-    def data_pass(self) -> None:
-        """No-grad forward over this rank's shard of the training data, same batch count on every rank."""
-        from cl_scale.sharding import even_shards
-
-        shards = even_shards(
-            len(self.train_rows.rows), batch_size=self.batch_size,
-            world_size=dist_utils.world_size(), rank=dist_utils.rank(),
-        )
-        with dist_utils.no_grad_pass(self.engine) as module:
-            for indices in shards:
-                module(**self.train_rows.batch(indices))
+if TYPE_CHECKING:
+    from cl_scale.data.pipeline import TaskRows
 
 
 @dataclass
@@ -241,9 +221,10 @@ def _train_stage(session: Session, index: int) -> None:
         _print_matrix(session)
 
 
-def _run_engine(session: Session, index: int, train_rows: Any) -> StageOutcome:
+def _run_engine(session: Session, index: int, train_rows: TaskRows) -> StageOutcome:
     """Everything that needs stage `index`'s DeepSpeed engine, which is torn down on every exit path."""
     from cl_scale.continual_state import stage_generator
+    from cl_scale.sharding import even_shards
 
     recipe = session.recipe
     session.method.grow(index, stage_generator(recipe, index))
@@ -258,15 +239,19 @@ def _run_engine(session: Session, index: int, train_rows: Any) -> StageOutcome:
             f"parameters: total {counts['total']:,}  trainable {counts['trainable']:,}  "
             f"resident per rank {', '.join(f'{n:,}' for n in counts['resident_per_rank'])}"
         )
-        runner = StageRunner(index, len(session.tasks), ZeroAccess(), engine, train_rows, recipe.train.per_device_batch)
+        shards = even_shards(
+            len(train_rows.rows), batch_size=recipe.train.per_device_batch,
+            world_size=dist_utils.world_size(), rank=dist_utils.rank(),
+        )
+        runner = StageRunner(index, len(session.tasks), ZeroAccess(), engine, ShardBatches(train_rows, shards))
         session.method.before_task(runner)
-        log = _train_epochs(session, engine, runner)
+        log = _train_epochs(session, engine, runner, train_rows)
         session.method.after_task(runner)
         snapshot = _snapshot(session)
         return StageOutcome(snapshot, log, _evaluate_stage(session, engine, index), counts)
 
 
-def _train_epochs(session: Session, engine: Any, runner: StageRunner) -> list[dict[str, Any]]:
+def _train_epochs(session: Session, engine: Any, runner: StageRunner, train_rows: TaskRows) -> list[dict[str, Any]]:
     from cl_scale.sharding import training_batches
 
     recipe, task = session.recipe, session.tasks[runner.task_index]
@@ -274,7 +259,7 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner) -> list[di
     world, rank = dist_utils.world_size(), dist_utils.rank()
     plans = [
         training_batches(
-            len(runner.train_rows.rows), global_batch=recipe.train.global_batch,
+            len(train_rows.rows), global_batch=recipe.train.global_batch,
             per_device_batch=recipe.train.per_device_batch, world_size=world, rank=rank,
             epoch=epoch, seed=recipe.train.seed,
         )
@@ -293,7 +278,7 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner) -> list[di
         bar = progress.add_task(f"train {task}", total=total_steps, info="")
         for epoch, plan in enumerate(plans):
             for indices in plan:
-                batch = runner.train_rows.batch(indices)
+                batch = train_rows.batch(indices)
                 output = engine(**batch)
                 loss, terms = session.method.loss(output.loss, session.model.context)
                 engine.backward(loss)

@@ -12,6 +12,7 @@ from cl_scale.methods.base import Method
 from cl_scale.modeling.tiny import build_tiny_model, tiny_llama_config
 from cl_scale.modeling.wrapper import IGNORE_INDEX, ContinualModel
 from cl_scale.recipe import MethodConfig
+from cl_scale.stage_runner import StageRunner
 
 VOCAB = 320
 TOKENS_PER_TASK = 100
@@ -78,27 +79,6 @@ def _batch(sequences: list[tuple[torch.Tensor, int]]) -> Batch:
     return {"input_ids": ids, "attention_mask": attention, "prompt_mask": prompt, "labels": labels}
 
 
-class Runner:
-    """A single-process TaskRunner: data passes iterate the task's batches through the model."""
-
-    def __init__(self, model: ContinualModel, batches: list[Batch], task_index: int, num_tasks: int) -> None:
-        self.model = model
-        self.batches = batches
-        self.task_index = task_index
-        self.num_tasks = num_tasks
-        self.access = LocalAccess()
-        self.passes = 0
-
-    def data_pass(self) -> None:
-        self.passes += 1
-        training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            for batch in self.batches:
-                self.model(**batch)
-        self.model.train(training)
-
-
 def start_task(
     method: Method,
     model: ContinualModel,
@@ -107,20 +87,20 @@ def start_task(
     batches: list[Batch] | None = None,
     num_tasks: int = 3,
     lr: float = 1e-2,
-) -> tuple[Runner, torch.optim.Optimizer]:
+) -> tuple[StageRunner, torch.optim.Optimizer]:
     """grow, choose trainables, before_task: the task is ready to train. Returns its runner and optimizer.
 
     The task's data is `task_batches(task)` unless `batches` are given.
     """
     method.grow(task, torch.Generator().manual_seed(task))
     params = method.trainable_parameters(task)
-    runner = Runner(model, task_batches(task) if batches is None else batches, task, num_tasks)
+    runner = StageRunner(task, num_tasks, LocalAccess(), model, task_batches(task) if batches is None else batches)
     method.before_task(runner)
     return runner, torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 def train_steps(
-    method: Method, runner: Runner, optimizer: torch.optim.Optimizer, steps: int
+    method: Method, runner: StageRunner, optimizer: torch.optim.Optimizer, steps: int
 ) -> dict[str, torch.Tensor]:
     """`steps` optimizer steps on the runner's batches, as the trainer drives them; returns the last terms."""
     model = runner.model
@@ -147,7 +127,7 @@ def learn(
     steps: int = 3,
     num_tasks: int = 3,
     lr: float = 1e-2,
-) -> Runner:
+) -> StageRunner:
     """A whole task: start, train `steps`, after_task."""
     runner, optimizer = start_task(method, model, task, batches=batches, num_tasks=num_tasks, lr=lr)
     train_steps(method, runner, optimizer, steps)

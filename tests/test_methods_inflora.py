@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
-from methods_fixtures import Runner, built, learn, start_task, task_batches
+from methods_fixtures import built, learn, start_task, task_batches
 
+from cl_scale.distributed import LocalAccess
 from cl_scale.methods.inflora import InfLoRA
 from cl_scale.modeling.wrapper import ContinualModel
+from cl_scale.stage_runner import StageRunner
 from cl_scale.subspace import collect_layer_inputs, top_directions
 
 
@@ -47,7 +49,7 @@ def test_only_b_of_the_current_branch_requires_grad() -> None:
 def test_first_task_a_is_the_top_singular_directions_of_its_input_statistic() -> None:
     model, method = built("inflora")
     model.add_branches(torch.Generator().manual_seed(0))
-    runner = Runner(model, task_batches(0), 0, 3)
+    runner = StageRunner(0, 3, LocalAccess(), model, task_batches(0))
     with collect_layer_inputs(model.branched, model.context) as moments:
         runner.data_pass()
     method.before_task(runner)
@@ -90,7 +92,7 @@ def test_state_round_trip_designs_the_same_a() -> None:
     reloaded = InfLoRA(method.config, model, 3)
     reloaded.load_state_tensors(method.state_tensors())
     model.add_branches(torch.Generator().manual_seed(1))
-    runner = Runner(model, task_batches(1), 1, 3)
+    runner = StageRunner(1, 3, LocalAccess(), model, task_batches(1))
     method.before_task(runner)
     designed = [layer.branch(1)[0].detach().clone() for layer in model.branched.values()]
     reloaded.before_task(runner)
