@@ -328,7 +328,7 @@ def data_list(
 
     Example: cl-scale data list ../shared/CL_Benchmark
     """
-    from cl_scale.data.report import list_tasks_cli
+    from cl_scale.data_check import list_tasks_cli
 
     list_tasks_cli(root)
 
@@ -340,7 +340,7 @@ def data_check(recipe: RecipeArg, overrides: OverridesArg = None, set_: SetOptio
     Example: cl-scale data check recipes/demo.yaml data.max_source_length=256
     """
     loaded = _recipe(recipe, overrides, set_)
-    from cl_scale.data.report import check_recipe_cli
+    from cl_scale.data_check import check_recipe_cli
 
     check_recipe_cli(loaded)
 

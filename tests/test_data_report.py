@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cl_scale.data.report import check_recipe_cli, list_tasks_cli
+from cl_scale.data_check import check_recipe_cli, list_tasks_cli
 from cl_scale.data.tasks import SYNTHETIC_ROOT
 
 RED = "\x1b[31m"
