@@ -1,6 +1,7 @@
 """`cl-scale data list` and `cl-scale data check`: what the data holds and what tokenisation will cut.
 
 Above `data/` (it loads tokenizers and built-in models through `modeling/`), so `data/` imports nothing above it.
+"""
 
 from __future__ import annotations
 
