@@ -20,7 +20,7 @@ from cl_scale.errors import CLScaleError
 
 IGNORE_INDEX = -100
 # Bump when the token layout below changes, so old cache files are not reused.
-_LAYOUT_VERSION = "1"
+_LAYOUT_VERSION = "2"
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
@@ -42,9 +42,15 @@ def _eos(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.eos_token_id
 
 
-def _causal_prompt(tokenizer: PreTrainedTokenizerBase, prompt: list[int], max_source_length: int) -> list[int]:
-    """BOS (when the tokenizer has one) + the END of the prompt, so "Output: " always survives truncation."""
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """[BOS] when the tokenizer itself starts a text with it, else []. Some define a BOS they never add
+    (SmolLM2's is <|im_start|>, the chat-turn opener): prepending it would put every prompt in a chat turn."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else []
+
+
+def _causal_prompt(bos: list[int], prompt: list[int], max_source_length: int) -> list[int]:
+    """`bos` + the END of the prompt, so "Output: " always survives truncation."""
     keep = max_source_length - len(bos)
     return bos + prompt[max(0, len(prompt) - keep) :]
 
@@ -52,10 +58,10 @@ def _causal_prompt(tokenizer: PreTrainedTokenizerBase, prompt: list[int], max_so
 def _causal_batch(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_source_length: int, max_target_length: int
 ) -> dict:
-    eos = _eos(tokenizer)
+    eos, bos = _eos(tokenizer), _bos(tokenizer)
     rows: dict[str, list] = {"input_ids": [], "labels": [], "prompt_mask": []}
     for prompt, answer in zip(_encode(tokenizer, batch["prompt"]), _encode(tokenizer, batch["target"])):
-        prompt = _causal_prompt(tokenizer, prompt, max_source_length)
+        prompt = _causal_prompt(bos, prompt, max_source_length)
         answer = answer[: max_target_length - 1] + [eos]
         rows["input_ids"].append(prompt + answer)
         rows["labels"].append([IGNORE_INDEX] * len(prompt) + answer)
@@ -64,7 +70,8 @@ def _causal_batch(
 
 
 def _causal_prompt_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_source_length: int) -> dict:
-    prompts = [_causal_prompt(tokenizer, p, max_source_length) for p in _encode(tokenizer, batch["prompt"])]
+    bos = _bos(tokenizer)
+    prompts = [_causal_prompt(bos, p, max_source_length) for p in _encode(tokenizer, batch["prompt"])]
     return {"input_ids": prompts, "prompt_mask": [[1] * len(p) for p in prompts]}
 
 
@@ -107,6 +114,7 @@ def tokenize_causal(
     cache_dir: Path | None = None,
 ) -> Dataset:
     """Training rows for a decoder-only model: [BOS] prompt + answer + EOS, loss on answer and EOS only.
+    BOS only where the tokenizer adds one itself.
 
     An over-long prompt is truncated FROM THE LEFT to max_source_length tokens (BOS included), keeping
     its end ("Output: ") next to the answer. The answer is cut only by max_target_length (EOS included,
