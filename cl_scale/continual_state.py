@@ -27,6 +27,9 @@ from cl_scale import distributed as dist_utils
 from cl_scale.errors import CLScaleError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from cl_scale.methods.base import Method
     from cl_scale.modeling.wrapper import ContinualModel
     from cl_scale.recipe import Recipe
     from cl_scale.rundir import RunDir
@@ -39,10 +42,10 @@ METHOD_STATE = "method.safetensors"
 class ContinualState:
     """Tokenizer, wrapped model and method of one run, in one process."""
 
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     kind: str
-    model: Any
-    method: Any
+    model: ContinualModel
+    method: Method
     zero3_handle: Any
     """Keeps transformers' ZeRO-3 integration alive while the model is in use."""
 
@@ -147,7 +150,7 @@ class StageModel:
         return self.state.model
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.state.tokenizer
 
     @property

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cl_scale.errors import CLScaleError, read_json
+
+if TYPE_CHECKING:
+    from cl_scale.recipe import Recipe
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict merge; values of `extra` win."""
@@ -42,7 +45,7 @@ def _fill_auto(node: Any, values: dict[str, Any], path: str = "") -> Any:
     return node
 
 
-def build_ds_config(recipe: Any, world_size: int) -> dict[str, Any]:
+def build_ds_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config for this recipe and world size: file, then "auto" filled, then overrides."""
     path = recipe.deepspeed.config_path()
     raw = read_json(path, fix="fix the JSON syntax of the DeepSpeed config")

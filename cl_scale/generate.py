@@ -11,16 +11,24 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cl_scale import distributed as dist_utils
 from cl_scale.errors import CLScaleError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from cl_scale.data.pipeline import TaskRows
+    from cl_scale.recipe import Recipe
+    from cl_scale.rundir import RunDir
+
 _FORMAT = 'each line must be {"prompt": "..."} or {"definition": "...", "input": "..."}'
 
 
-def _template(recipe: Any, tasks: list[str]) -> str:
+def _template(recipe: Recipe, tasks: list[str]) -> str:
     """The run's prompt template; "auto" resolves through the benchmark the run's tasks come from."""
     from cl_scale.data.prompts import resolve_template
     from cl_scale.data.tasks import task_info
@@ -37,7 +45,7 @@ def _template(recipe: Any, tasks: list[str]) -> str:
     return resolve_template("auto", benchmarks.pop())
 
 
-def _line_prompt(path: Path, number: int, line: str, template: Any) -> str:
+def _line_prompt(path: Path, number: int, line: str, template: Callable[[], str]) -> str:
     """The prompt of one JSONL line; `template` is called only when the line needs it."""
     try:
         row = json.loads(line)
@@ -52,7 +60,7 @@ def _line_prompt(path: Path, number: int, line: str, template: Any) -> str:
     raise CLScaleError(f"{path} line {number} has no prompt", _FORMAT)
 
 
-def read_prompts(input_path: Path | None, prompt: str | None, recipe: Any, tasks: list[str]) -> list[str]:
+def read_prompts(input_path: Path | None, prompt: str | None, recipe: Recipe, tasks: list[str]) -> list[str]:
     """`prompt` as is, or one prompt per non-empty line of the JSONL file `input_path`."""
     if prompt is not None:
         return [prompt]
@@ -66,7 +74,7 @@ def read_prompts(input_path: Path | None, prompt: str | None, recipe: Any, tasks
     return [_line_prompt(input_path, n, line, lambda: _template(recipe, tasks)) for n, line in lines]
 
 
-def prompt_rows(prompts: list[str], tokenizer: Any, kind: str, recipe: Any) -> Any:
+def prompt_rows(prompts: list[str], tokenizer: PreTrainedTokenizerBase, kind: str, recipe: Recipe) -> TaskRows:
     """TaskRows of bare prompts, tokenised and truncated exactly like test prompts (no references)."""
     from datasets import Dataset
 
@@ -104,7 +112,7 @@ def _print_answers(prompts: list[str], answers: list[str], gates: dict[str, list
 
 
 def _answer(
-    run: Any, recipe: Any, index: int, prompts: list[str]
+    run: RunDir, recipe: Recipe, index: int, prompts: list[str]
 ) -> tuple[list[str], dict[str, list[float]] | None, bool]:
     """Answers to `prompts` after stage `index`, each task's gate coefficients (GainLoRA), and whether on rank 0."""
     from cl_scale.continual_state import load_stage_model

@@ -7,20 +7,24 @@ often. The result is then the same on every rank without a gather.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from cl_scale.distributed import no_grad_pass
 
+if TYPE_CHECKING:
+    from cl_scale.data.pipeline import TaskRows
+    from cl_scale.modeling.wrapper import ContinualModel
 
-def is_gated(model: Any) -> bool:
+
+def is_gated(model: ContinualModel) -> bool:
     """True when the model has at least one gate (GainLoRA)."""
     return model.gates is not None and model.gates.num_gates > 0
 
 
-def gate_coefficients(model: nn.Module, rows: Any, *, batch_size: int) -> torch.Tensor:
+def gate_coefficients(model: nn.Module, rows: TaskRows, *, batch_size: int) -> torch.Tensor:
     """(examples, gates) coefficient of every gate on every row of `rows` (a TaskRows), in row order.
 
     `model` is the engine that owns the continual model, or the model itself on one device. The embedding

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from cl_scale import distributed as dist_utils
+
+if TYPE_CHECKING:
+    from cl_scale.recipe import Recipe
 
 
 @dataclass
@@ -26,7 +29,7 @@ class TaskResult:
     rows: list[dict[str, Any]]
 
 
-def metric_for(recipe: Any, task: str) -> str:
+def metric_for(recipe: Recipe, task: str) -> str:
     """The recipe's metric for `task`: explicit per task, one for all, or the benchmark default."""
     from cl_scale.data.benchmark import default_metric
     from cl_scale.data.tasks import task_info

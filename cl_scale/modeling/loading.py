@@ -8,20 +8,30 @@ for as long as the caller holds the returned handle.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
-from transformers import PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from cl_scale.errors import CLScaleError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from cl_scale.recipe import ModelConfig
 
 BUILTIN_PREFIX = "builtin:"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def model_dir(model_cfg: Any) -> str:
+def model_dir(model_cfg: ModelConfig) -> str:
     """The local directory or hub id to load from (building a built-in model on first use)."""
     path: str = model_cfg.path
     if path.startswith(BUILTIN_PREFIX):
@@ -40,7 +50,7 @@ def _missing_model(path: str, err: Exception) -> CLScaleError:
     )
 
 
-def load_config(model_cfg: Any) -> Any:
+def load_config(model_cfg: ModelConfig) -> PretrainedConfig:
     """The model's transformers config, or a clear error saying how to get the model."""
     path = model_dir(model_cfg)
     try:
@@ -49,14 +59,14 @@ def load_config(model_cfg: Any) -> Any:
         raise _missing_model(path, err) from err
 
 
-def resolve_kind(model_cfg: Any, config: Any) -> Literal["causal", "seq2seq"]:
+def resolve_kind(model_cfg: ModelConfig, config: PretrainedConfig) -> Literal["causal", "seq2seq"]:
     """`model.kind`, with "auto" decided by whether the architecture is encoder-decoder."""
     if model_cfg.kind != "auto":
         return model_cfg.kind
     return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
 
 
-def load_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
+def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer, with the recipe's pad id applied (Llama-2 has no pad token)."""
     path = model_dir(model_cfg)
     try:
@@ -82,7 +92,7 @@ class LoadedModel:
     zero3_handle: Any = None
 
 
-def load_base_model(model_cfg: Any, ds_config: dict[str, Any] | None, pad_token_id: int) -> LoadedModel:
+def load_base_model(model_cfg: ModelConfig, ds_config: dict[str, Any] | None, pad_token_id: int) -> LoadedModel:
     """Load the frozen base; with a ZeRO-3 `ds_config` every rank only ever holds its partition.
 
     `pad_token_id` (the tokenizer's, after the recipe's override) goes into the model's configs, since
