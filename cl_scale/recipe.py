@@ -54,6 +54,8 @@ class ModelConfig(_Section):
     target_modules: list[str] | None = Field(default=None, min_length=1)
     attn_implementation: str = "sdpa"
     pad_token_id: int | None = Field(default=None, ge=0)
+    init_adapter: str | None = None
+    """A PEFT LoRA adapter folder the first task's branch starts from (cl_scale/init_adapter.py)."""
 
 
 class DataConfig(_Section):

@@ -229,6 +229,10 @@ def _run_engine(session: Session, index: int, train_rows: TaskRows) -> StageOutc
     recipe = session.recipe
     session.method.grow(index, stage_generator(recipe, index))
     trainable = session.method.trainable_parameters(index)
+    if index == 0 and recipe.model.init_adapter is not None:
+        from cl_scale.init_adapter import start_from_adapter
+
+        start_from_adapter(session.model, recipe, trainable)
     optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe.train.warmup_steps))
     with dist_utils.deepspeed_engine(
