@@ -290,14 +290,19 @@ def export(
         bool, typer.Option("--per-task", help="With --format peft: write each task's branch as its own adapter.")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
+    shard_mb: Annotated[
+        int, typer.Option("--shard-mb", min=1, help="With --format merged: largest safetensors shard, in MB.")
+    ] = 5000,
 ) -> None:
     """Write a trained stage as PEFT adapters, merged weights or (GainLoRA) a gated package.
 
     Example: cl-scale export runs/demo_inclora --out exports/inclora --format peft
+    A model that only fits sharded (merged, module by module under ZeRO-3):
+    deepspeed --num_gpus 8 $(which cl-scale) export runs/llama13b --out exports/l13 --format merged
     """
     from cl_scale.export import export_cli
 
-    export_cli(run_dir, out, stage=stage, fmt=format_, per_task=per_task, force=force)
+    export_cli(run_dir, out, stage=stage, fmt=format_, per_task=per_task, force=force, shard_mb=shard_mb)
 
 
 @app.command()

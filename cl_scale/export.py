@@ -47,7 +47,8 @@ GATES = "gates.safetensors"
 RECIPE = "recipe.yaml"
 ADAPTERS = "adapters"
 TOKENIZER = "tokenizer"
-MAX_SHARD_SIZE = "5GB"
+MAX_SHARD_MB = 5000
+"""Default largest safetensors shard of a merged export, in MB (`--shard-mb`)."""
 _TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 
 
@@ -64,7 +65,7 @@ class Exported:
 
 def export_run(
     run_dir: Path, out: Path, *, stage: int | None = None, fmt: str = "peft", per_task: bool = False,
-    force: bool = False,
+    force: bool = False, shard_mb: int = MAX_SHARD_MB,
 ) -> Exported:
     """Write stage `stage` (1-based; default the last finished) of a run to `out` in format `fmt`."""
     from cl_scale.local_stage import load_run
@@ -73,12 +74,12 @@ def export_run(
         raise CLScaleError(f"unknown export format {fmt!r}", f"use --format {' or '.join(FORMATS)}")
     if per_task and fmt != "peft":
         raise CLScaleError(f"--per-task applies to --format peft, not {fmt}", "drop --per-task")
-    _check_destination(out, force)
+    check_destination(out, force)
     loaded = load_run(run_dir, stage)
     _check_fits(loaded, fmt, per_task)
-    with _staged(out) as tmp:
+    with staged(out) as tmp:
         if fmt == "merged":
-            write_merged(loaded, tmp)
+            write_merged(loaded, tmp, shard_mb)
             rank = None
         elif fmt == "gated":
             rank = write_gated(loaded, tmp)
@@ -89,7 +90,7 @@ def export_run(
     return Exported(out, fmt, loaded.stage, rank)
 
 
-def _check_destination(out: Path, force: bool) -> None:
+def check_destination(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise CLScaleError(f"export destination {out} is a file", "give --out a folder path")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -102,11 +103,7 @@ def _check_fits(loaded: LocalStage, fmt: str, per_task: bool) -> None:
 
     gated = is_gated(loaded.model)
     if gated and fmt != "gated":
-        raise CLScaleError(
-            f"--format {fmt} cannot represent a gated model: GainLoRA scales each task's branch by a coefficient "
-            "its gate computes from the prompt, so no single fixed adapter or merged weight equals it",
-            "use --format gated (per-task adapters plus the gate bank; see docs/export.md for serving it)",
-        )
+        raise gated_refusal(fmt)
     if not gated and fmt == "gated":
         raise CLScaleError(
             "--format gated needs a GainLoRA run; this run's method has no gates",
@@ -120,6 +117,15 @@ def _check_fits(loaded: LocalStage, fmt: str, per_task: bool) -> None:
         )
 
 
+def gated_refusal(fmt: str) -> CLScaleError:
+    """Why `peft` and `merged` cannot hold a GainLoRA model, and what to use instead."""
+    return CLScaleError(
+        f"--format {fmt} cannot represent a gated model: GainLoRA scales each task's branch by a coefficient "
+        "its gate computes from the prompt, so no single fixed adapter or merged weight equals it",
+        "use --format gated (per-task adapters plus the gate bank; see docs/export.md for serving it)",
+    )
+
+
 def _adapter_names(loaded: LocalStage) -> list[str]:
     """Folder name of each task's adapter, numbered like the run's stages."""
     from cl_scale.rundir import stage_name
@@ -128,7 +134,7 @@ def _adapter_names(loaded: LocalStage) -> list[str]:
 
 
 @contextmanager
-def _staged(out: Path) -> Iterator[Path]:
+def staged(out: Path) -> Iterator[Path]:
     """A hidden temporary folder beside `out`, renamed to `out` on success (replacing it), removed on failure."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -212,10 +218,10 @@ def merge_branches(loaded: LocalStage) -> None:
             setattr(loaded.model.base.get_submodule(parent), child, linear)
 
 
-def write_merged(loaded: LocalStage, folder: Path) -> None:
+def write_merged(loaded: LocalStage, folder: Path, shard_mb: int = MAX_SHARD_MB) -> None:
     """The base with the branches merged in, as a plain transformers checkpoint with its tokenizer."""
     merge_branches(loaded)
-    loaded.model.base.save_pretrained(folder, max_shard_size=MAX_SHARD_SIZE)
+    loaded.model.base.save_pretrained(folder, max_shard_size=f"{shard_mb}MB")
     loaded.tokenizer.save_pretrained(folder)
 
 
@@ -251,15 +257,38 @@ def write_gated(loaded: LocalStage, folder: Path) -> int:
     return rank
 
 
-def export_cli(run_dir: Path, out: Path, *, stage: int | None, fmt: str, per_task: bool, force: bool) -> None:
+def launched_ranks() -> int:
+    """Ranks the launcher started (1 for a plain process)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def export_cli(
+    run_dir: Path, out: Path, *, stage: int | None, fmt: str, per_task: bool, force: bool, shard_mb: int
+) -> None:
     """`cl-scale export`: write the export and say what was written and how to serve it."""
     import contextlib
     import sys
 
     from rich.console import Console
 
+    from cl_scale.export_sharded import export_merged_sharded, shard_bytes
+
+    sharded = launched_ranks() > 1
+    if sharded and fmt != "merged":
+        raise CLScaleError(
+            f"--format {fmt} is written by one process (the branches and gates are small)",
+            "run it without the launcher; only --format merged runs on several ranks, for a model that needs them",
+        )
     with contextlib.redirect_stdout(sys.stderr):  # library chatter stays off stdout
-        done = export_run(run_dir, out, stage=stage, fmt=fmt, per_task=per_task, force=force)
+        if sharded:
+            number = export_merged_sharded(run_dir, out, stage=stage, force=force, max_shard_bytes=shard_bytes(shard_mb))
+            if number is None:
+                return  # rank 0 reports
+            done = Exported(out, fmt, number, None)
+        else:
+            done = export_run(run_dir, out, stage=stage, fmt=fmt, per_task=per_task, force=force, shard_mb=shard_mb)
     console = Console()
     console.print(f"exported stage {done.stage} of {run_dir} as {done.fmt} to {done.path}")
     if done.max_lora_rank is not None:

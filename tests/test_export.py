@@ -319,3 +319,63 @@ def test_peft_merge_weighted_by_one_prompts_gates_gives_the_gated_models_logits(
     with torch.no_grad():
         got = model(**inputs).logits.float()
     torch.testing.assert_close(got, stage_logits(exported, inputs), rtol=0, atol=1e-5)
+
+
+def _world_of_one(monkeypatch, run: Path) -> None:
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": _free_port(), "CL_SCALE_CACHE": str(run.parent / "cache")}.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.mark.parametrize("name", ["inclora", "inclora_t5"])
+def test_module_by_module_zero3_merge_in_shards_gives_the_stage_models_logits(runs, tmp_path, monkeypatch, name) -> None:
+    from cl_scale.export_sharded import WEIGHTS_INDEX, export_merged_sharded
+
+    _world_of_one(monkeypatch, runs[name])
+    out = tmp_path / "sharded"
+    assert export_merged_sharded(runs[name], out, stage=None, force=False, max_shard_bytes=200_000) == 2
+    index = json.loads((out / WEIGHTS_INDEX).read_text())
+    assert len(set(index["weight_map"].values())) > 1  # really written in several shards
+    stage = load_run(runs[name])
+    inputs = sample_inputs(stage)
+    with torch.no_grad():
+        got = plain_model(out, stage.kind)(**inputs).logits.float()
+    torch.testing.assert_close(got, stage_logits(stage, inputs), rtol=0, atol=1e-5)
+
+
+def test_module_by_module_merge_writes_what_save_pretrained_writes(runs, tmp_path, monkeypatch) -> None:
+    from cl_scale.export_sharded import export_merged_sharded
+
+    _world_of_one(monkeypatch, runs["inclora"])
+    export_merged_sharded(runs["inclora"], tmp_path / "sharded", stage=None, force=False, max_shard_bytes=1 << 30)
+    export_run(runs["inclora"], tmp_path / "plain", fmt="merged")
+    ours = load_file(str(tmp_path / "sharded" / "model.safetensors"))
+    theirs = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.multirank
+def test_two_rank_module_by_module_merge_gives_the_stage_models_logits(runs, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.trainer_helpers import REPO
+
+    out = tmp_path / "sharded"
+    bin_dir = Path(sys.executable).parent
+    command = [
+        str(bin_dir / "deepspeed"), "--num_gpus", "2", "--master_port", _free_port(), str(bin_dir / "cl-scale"),
+        "export", str(runs["inclora"]), "--out", str(out), "--format", "merged", "--shard-mb", "1",
+    ]
+    env = {**os.environ, "CL_SCALE_CACHE": str(runs["inclora"].parent / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("exported stage 2") == 1  # two ranks ran it, rank 0 reported
+    stage = load_run(runs["inclora"])
+    inputs = sample_inputs(stage)
+    with torch.no_grad():
+        got = plain_model(out, stage.kind)(**inputs).logits.float()
+    torch.testing.assert_close(got, stage_logits(stage, inputs), rtol=0, atol=1e-5)
