@@ -141,6 +141,7 @@ def staged(out: Path) -> Iterator[Path]:
     tmp.chmod(0o755)  # mkdtemp makes 0700; exports are meant to be shared
     try:
         yield tmp
+        _share(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(old / out.name)
@@ -151,6 +152,12 @@ def staged(out: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _share(folder: Path) -> None:
+    """Make everything in `folder` readable by all (safetensors writes its files 0600)."""
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _layer_scaling(loaded: LocalStage) -> tuple[int, float]:

@@ -264,6 +264,13 @@ def test_a_non_empty_destination_is_refused_unless_forced(runs, tmp_path) -> Non
     assert sorted(p.name for p in out.iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
 
 
+def test_exported_files_are_readable_by_everyone(runs, tmp_path) -> None:
+    out = tmp_path / "gated"
+    export_run(runs["gainlora"], out, fmt="gated")
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    assert modes and all(mode in (0o644, 0o755) for mode in modes.values()), modes
+
+
 def test_a_failure_while_writing_leaves_no_partial_folder(runs, tmp_path, monkeypatch) -> None:
     import safetensors.torch
 
