@@ -70,10 +70,7 @@ def export_run(
     """Write stage `stage` (1-based; default the last finished) of a run to `out` in format `fmt`."""
     from cl_scale.local_stage import load_run
 
-    if fmt not in FORMATS:
-        raise CLScaleError(f"unknown export format {fmt!r}", f"use --format {' or '.join(FORMATS)}")
-    if per_task and fmt != "peft":
-        raise CLScaleError(f"--per-task applies to --format peft, not {fmt}", "drop --per-task")
+    check_options(fmt, per_task)
     check_destination(out, force)
     loaded = load_run(run_dir, stage)
     _check_fits(loaded, fmt, per_task)
@@ -90,7 +87,16 @@ def export_run(
     return Exported(out, fmt, loaded.stage, rank)
 
 
+def check_options(fmt: str, per_task: bool) -> None:
+    """Refuse an unknown format, and --per-task with a format it does not apply to."""
+    if fmt not in FORMATS:
+        raise CLScaleError(f"unknown export format {fmt!r}", f"use --format {' or '.join(FORMATS)}")
+    if per_task and fmt != "peft":
+        raise CLScaleError(f"--per-task applies to --format peft, not {fmt}", "drop --per-task")
+
+
 def check_destination(out: Path, force: bool) -> None:
+    """Refuse a destination that is a file, or a non-empty folder unless `force`."""
     if out.exists() and not out.is_dir():
         raise CLScaleError(f"export destination {out} is a file", "give --out a folder path")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -265,10 +271,12 @@ def write_gated(loaded: LocalStage, folder: Path) -> int:
 
 
 def launched_ranks() -> int:
-    """Ranks the launcher started (1 for a plain process)."""
+    """Ranks the launcher started (deepspeed, torchrun or srun; 1 for a plain process)."""
     import os
 
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    from cl_scale.distributed import launcher_environment
+
+    return int({**os.environ, **launcher_environment(dict(os.environ))}["WORLD_SIZE"])
 
 
 def export_cli(
@@ -282,6 +290,7 @@ def export_cli(
 
     from cl_scale.export_sharded import export_merged_sharded, shard_bytes
 
+    check_options(fmt, per_task)
     sharded = launched_ranks() > 1
     if sharded and fmt != "merged":
         raise CLScaleError(

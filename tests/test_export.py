@@ -391,6 +391,7 @@ def test_two_rank_module_by_module_merge_gives_the_stage_models_logits(runs, tmp
 def test_peft_under_the_launcher_is_refused_with_the_reason(runs, tmp_path, monkeypatch) -> None:
     from cl_scale.export import export_cli
 
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(CLScaleError, match="written by one process") as err:
         export_cli(runs["inclora"], tmp_path / "out", stage=None, fmt="peft", per_task=False, force=False, shard_mb=5)
