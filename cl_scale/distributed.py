@@ -287,37 +287,35 @@ def init_distributed(timeout_s: float) -> None:
     os.environ.update(launcher_environment(dict(os.environ)))
     accelerator = get_accelerator()
     _bind_rank_device()  # before NCCL starts: one GPU per local rank
+    if accelerator.device_name() == "cpu":
+        _skip_shm_comm_op()
     deepspeed.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(),
         auto_mpi_discovery=False,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
-    if accelerator.device_name() == "cpu":
-        _unlink_shm_allreduce_buffer()
 
 
 DEEPSPEED_SHM_PREFIX = "deepspeed_allreduce_buffer_"
-"""Name prefix of DeepSpeed's per-rank CPU all-reduce buffers in /dev/shm."""
+"""Name prefix of the per-rank buffers DeepSpeed's CPU shared-memory op writes to /dev/shm (skipped, see
+`_skip_shm_comm_op`; the tests check none appear)."""
 
 
-def _unlink_shm_allreduce_buffer() -> None:
-    """Remove the name of this rank's DeepSpeed shared-memory all-reduce buffer from /dev/shm.
+def _skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from compiling and starting its CPU shared-memory all-reduce op, which cl-scale never calls.
 
-    On CPU, when the launcher sets LOCAL_SIZE, DeepSpeed 0.19's communication backend writes a 69 MB
-    buffer per rank to /dev/shm (`deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`) for its
-    inference all-reduce, which cl-scale never calls, and never unlinks it: every launch on a new port
-    left 69 MB of RAM per rank behind until reboot (7.5 GB on our test machine). Each rank maps every
-    rank's buffer inside `init_distributed`, so once all ranks are past it the names can go: the
-    mappings stay valid and the kernel frees the memory when the processes exit.
+    On CPU, DeepSpeed 0.19's communication backend JIT-compiles `deepspeed_shm_comm` on first use (30-60 s
+    on 2 cores) under torch's extension build lock, for `inference_all_reduce` alone; a launch stopped
+    during that build left the lock behind and every later launch waited on it forever, silently. Once
+    built, the op also wrote a 69 MB buffer per rank to /dev/shm (`DEEPSPEED_SHM_PREFIX`) that nothing
+    removed. DeepSpeed loads the op only when its table of compatible ops says yes, and it keeps that
+    table in one module-level dict so that edits to it last: marking the op incompatible here skips the
+    build, the lock and the buffers. Training collectives go through torch.distributed (gloo) either way.
     """
-    import os
-    from pathlib import Path
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
-    if "LOCAL_SIZE" not in os.environ:
-        return  # DeepSpeed only creates the buffers when all ranks share a machine
-    barrier()
-    name = f"{DEEPSPEED_SHM_PREFIX}{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank()}"
-    Path("/dev/shm", name).unlink(missing_ok=True)
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 _COLLECTIVE_FAILURE = re.compile(r"gloo|nccl|connection (reset|closed)|timed out|timeout", re.IGNORECASE)
