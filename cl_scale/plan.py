@@ -663,3 +663,9 @@ def plan_cli(
             f"the plan found {len(plan.errors)} error(s) that would stop the run ({where})",
             "fix the rows marked error in the Checks table above, then plan again",
         )
+
+
+def task_steps(recipe: Recipe, tasks: list[str]) -> list[int | None]:
+    """Optimizer steps of each task's stage (None where its data cannot be counted), for the run's ETA."""
+    rows, _ = _task_rows(recipe, tasks, None, None)
+    return [row.steps for row in rows]

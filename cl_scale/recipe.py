@@ -144,6 +144,8 @@ class TrainConfig(_Section):
     seed: int = Field(default=42, ge=0)
     gradient_checkpointing: bool = False
     log_every: int = Field(default=1, gt=0)
+    log_interval_s: float = Field(default=60.0, gt=0)
+    """Off a terminal, a progress line at least this often (as steps finish), besides every log_every steps."""
     tensorboard: bool = False
     collective_timeout_s: int = Field(default=600, gt=0)
 

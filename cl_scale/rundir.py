@@ -6,6 +6,8 @@
     <run>/stages/<k>-<task>/          snapshot.safetensors (branches + gates, working copies),
                                       method.safetensors (bases), train_log.jsonl,
                                       predictions/<task>.jsonl, scores.json
+    <run>/in_progress/<k>-<task>/     the stage being trained: train_log.jsonl, its steps so far, appended
+                                      and flushed per step (survives a crash; removed when the stage commits)
     <run>/matrix.*, metrics.json, heatmap.png, ap_curve.png, diagnostics.json   (cl_scale.evaluation)
 
 A stage is assembled in `stages/.partial-<k>-<task>/` and renamed into place, then recorded in the
@@ -24,6 +26,9 @@ from cl_scale import atomic
 from cl_scale.errors import CLScaleError, read_json
 
 FORMAT = "cl-scale-run/1"
+TRAIN_LOG = "train_log.jsonl"
+"""Per-step records of a stage: in its stage folder once committed, in its in_progress folder before."""
+IN_PROGRESS = "in_progress"
 
 
 def stage_name(index: int, task: str) -> str:
@@ -48,6 +53,10 @@ class RunDir:
 
     def stage_dir(self, index: int) -> Path:
         return self.path / "stages" / stage_name(index, self.tasks[index])
+
+    def in_progress_dir(self, index: int) -> Path:
+        """Where stage `index` keeps what it writes while it trains (the live step log)."""
+        return self.path / IN_PROGRESS / stage_name(index, self.tasks[index])
 
     def recipe_dict(self) -> dict[str, Any]:
         """The resolved recipe stored in the run."""

@@ -9,7 +9,9 @@ uninterrupted one exactly.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +22,18 @@ import torch
 from cl_scale import distributed as dist_utils
 from cl_scale.distributed import ZeroAccess
 from cl_scale.errors import CLScaleError
+from cl_scale.progress import ReportedBatches, Reporter
+from cl_scale.rundir import TRAIN_LOG
 from cl_scale.stage_runner import ShardBatches, StageRunner
-from cl_scale.training_log import TensorBoard, open_tensorboard, require_tensorboard, resident_memory_mb, step_record
+from cl_scale.training_log import (
+    LiveStepLog,
+    TensorBoard,
+    open_tensorboard,
+    require_tensorboard,
+    resident_memory_mb,
+    step_record,
+)
+from cl_scale.warnings_filter import quiet_known_warnings
 
 if TYPE_CHECKING:
     from cl_scale.data.pipeline import TaskRows
@@ -39,6 +51,9 @@ class Session:
     cache_dir: Path
     console: Any
     tensorboard: TensorBoard | None
+    reporter: Reporter
+    planned_steps: list[int | None]
+    """Optimizer steps of every stage, for the run's ETA (rank 0; None where unknown)."""
 
     @property
     def model(self) -> Any:
@@ -62,6 +77,7 @@ def run_training(recipe: Any, *, resume: bool, run_dir: str | Path | None, allow
     session: Session | None = None
     try:
         with dist_utils.process_group(recipe.train.collective_timeout_s):
+            quiet_known_warnings(main=dist_utils.is_main())
             tasks = resolve_tasks(recipe.data.order, recipe.data.tasks)
             check_tasks(recipe.data, tasks)
             ds_config = build_ds_config(recipe, dist_utils.world_size())
@@ -141,14 +157,17 @@ def _start_session(recipe: Any, run: Any, tasks: list[str], ds_config: dict[str,
 
     from cl_scale.continual_state import build_state
     from cl_scale.modeling.builtin import cache_root
+    from cl_scale.plan import task_steps
 
     console = Console(quiet=not dist_utils.is_main())
     state = build_state(recipe, ds_config, len(tasks))
     if recipe.train.gradient_checkpointing:
         state.model.enable_gradient_checkpointing()
+    reporter = Reporter(console, interval_s=recipe.train.log_interval_s, enabled=dist_utils.is_main())
+    planned = task_steps(recipe, tasks) if dist_utils.is_main() else [None] * len(tasks)
     return Session(recipe=recipe, run=run, tasks=tasks, state=state, ds_config=ds_config,
                    cache_dir=cache_root() / "tokenized", console=console,
-                   tensorboard=open_tensorboard(recipe, run.path))
+                   tensorboard=open_tensorboard(recipe, run.path), reporter=reporter, planned_steps=planned)
 
 
 def _restore(session: Session) -> int:
@@ -181,13 +200,17 @@ def _parameter_counts(model: Any, trainable: list[torch.nn.Parameter]) -> dict[s
     }
 
 
-def _progress(console: Any) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def _stage_label(session: Session, index: int) -> str:
+    return f"stage {index + 1}/{len(session.tasks)} {session.tasks[index]}"
 
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not dist_utils.is_main(),
-    )
+
+def _run_remaining_s(session: Session, index: int, bar: Any) -> float | None:
+    """This stage's remaining time plus the later stages' steps at this stage's rate (training only)."""
+    later = session.planned_steps[index + 1:]
+    remaining, per_step = bar.remaining_s(), bar.seconds_per_item()
+    if remaining is None or per_step is None or None in later:
+        return None
+    return remaining + per_step * sum(later)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -247,7 +270,9 @@ def _run_engine(session: Session, index: int, train_rows: TaskRows) -> StageOutc
             len(train_rows.rows), batch_size=recipe.train.per_device_batch,
             world_size=dist_utils.world_size(), rank=dist_utils.rank(),
         )
-        runner = StageRunner(index, len(session.tasks), ZeroAccess(), engine, ShardBatches(train_rows, shards))
+        batches = ReportedBatches(ShardBatches(train_rows, shards), len(shards), session.reporter,
+                                  f"{_stage_label(session, index)} data pass")
+        runner = StageRunner(index, len(session.tasks), ZeroAccess(), engine, batches)
         session.method.before_task(runner)
         log = _train_epochs(session, engine, runner, train_rows)
         session.method.after_task(runner)
@@ -278,8 +303,11 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner, train_rows
     sums: dict[str, torch.Tensor] = {}  # detached device tensors: no host sync per micro-batch
     tokens = torch.zeros((), dtype=torch.float64, device=dist_utils.accelerator_device())
     started = time.perf_counter()
-    with _progress(session.console) as progress:
-        bar = progress.add_task(f"train {task}", total=total_steps, info="")
+    label = f"{_stage_label(session, runner.task_index)} step"
+    live_log = session.run.in_progress_dir(runner.task_index) / TRAIN_LOG
+    with session.reporter.bar(label, total_steps, every=recipe.train.log_every) as bar, (
+        LiveStepLog(live_log, []) if dist_utils.is_main() else contextlib.nullcontext()
+    ) as live:
         for epoch, plan in enumerate(plans):
             for indices in plan:
                 batch = train_rows.batch(indices)
@@ -298,13 +326,25 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner, train_rows
                 session.method.after_step(runner)
                 record = step_record(engine, sums, accumulation, tokens, started, epoch, len(log) + 1)
                 log.append(record)
+                if live is not None:
+                    live.append(record)
                 if session.tensorboard is not None:
                     session.tensorboard.log_step(record, earlier_steps + record["step"])
                 sums, started = {}, time.perf_counter()
                 tokens = torch.zeros_like(tokens)
-                if len(log) % recipe.train.log_every == 0 or len(log) == total_steps:
-                    progress.update(bar, completed=len(log), info=f"loss {record['loss']:.4f}")
+                bar.update(len(log), _progress_fields(record, session, runner.task_index, bar))
     return log
+
+
+def _progress_fields(record: dict[str, Any], session: Session, index: int, bar: Any) -> dict[str, Any]:
+    """A step record as progress shows it: every loss term, lr, grad norm, tokens/s, the run's ETA."""
+    from cl_scale.progress import format_duration
+
+    shown = {k: v for k, v in record.items() if k not in ("step", "epoch", "tokens_per_s")}
+    shown["tokens/s"] = round(record["tokens_per_s"])
+    remaining = None if bar.done == 0 else _run_remaining_s(session, index, bar)
+    shown["run eta"] = None if remaining is None else format_duration(remaining)
+    return shown
 
 
 def _snapshot(session: Session) -> dict[str, torch.Tensor]:
@@ -332,11 +372,14 @@ def _evaluate_stage(session: Session, engine: Any, index: int) -> dict[str, Any]
     if index not in _evaluated_stages(session.recipe, len(session.tasks)):
         return {}
     results = {}
-    for task in session.tasks[: index + 1]:
-        results[task] = evaluate_task(
-            engine, session.recipe, session.state.tokenizer, session.state.kind, task, cache_dir=session.cache_dir
-        )
-        session.console.print(f"  eval {task}: {results[task].metric} {results[task].score:.2f}")
+    seen = session.tasks[: index + 1]
+    with session.reporter.bar(f"{_stage_label(session, index)} eval cell", len(seen)) as bar:
+        for done, task in enumerate(seen, start=1):
+            results[task] = evaluate_task(
+                engine, session.recipe, session.state.tokenizer, session.state.kind, task, cache_dir=session.cache_dir
+            )
+            session.console.print(f"  eval {task}: {results[task].metric} {results[task].score:.2f}")
+            bar.update(done)
     return results
 
 
@@ -358,7 +401,7 @@ def _commit_stage(
     def write(folder: Path) -> None:
         atomic.write_with(folder / SNAPSHOT, lambda p: save_file(outcome.snapshot, str(p)))
         atomic.write_with(folder / METHOD_STATE, lambda p: save_file(method_state, str(p)))
-        atomic.write_jsonl(folder / "train_log.jsonl", outcome.log)
+        atomic.write_jsonl(folder / TRAIN_LOG, outcome.log)
         write_stage_results(folder, outcome.results)
 
     record = {
@@ -368,6 +411,10 @@ def _commit_stage(
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     session.run.commit_stage(index, write, record)
+    in_progress = session.run.in_progress_dir(index)
+    shutil.rmtree(in_progress, ignore_errors=True)  # the stage folder has it all now
+    with contextlib.suppress(OSError):
+        in_progress.parent.rmdir()  # once no stage is in progress
     return session.run.manifest
 
 

@@ -7,9 +7,10 @@ is an optional live view of the same numbers, written by rank 0 into `<run>/tens
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -43,6 +44,31 @@ def step_record(engine: Any, sums: dict[str, torch.Tensor], accumulation: int, t
         "grad_norm": None if grad_norm is None else float(grad_norm),
         "tokens_per_s": values[-1].item() / elapsed,
     }
+
+
+class LiveStepLog:
+    """Rank 0's step records of the stage in training: one JSON line appended and flushed per step, so a
+    crash keeps every finished step. Each attempt at a stage starts the file afresh from `kept` (the records
+    an earlier attempt made and this one continues from), so records are never duplicated."""
+
+    def __init__(self, path: Path, kept: list[dict[str, Any]]) -> None:
+        from cl_scale import atomic
+
+        atomic.write_jsonl(path, kept)
+        self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 (held for the stage, closed in close)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def require_tensorboard(recipe: Any) -> None:
