@@ -212,3 +212,46 @@ def test_generation_stops_at_the_eos_the_loss_trains(base: torch.nn.Module, toke
     assert tokenizer.eos_token_id in new and new[-1] == tokenizer.eos_token_id
     assert len(new) < 32, "generation ran past the EOS"
     assert "Paris" in tokenizer.decode(new, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory: pytest.TempPathFactory, folder: Path) -> dict[int, Path]:
+    """GainLoRA (InfLoRA branches) on two real tasks for a few steps, once on 1 rank and once on 2 ZeRO-3 ranks."""
+    import yaml
+
+    from tests.trainer_helpers import launch
+
+    root = tmp_path_factory.mktemp("real_worlds")
+    recipe = load_recipe(RECIPE, [
+        f"model.path={folder}", f"data.root={REPO.parent / 'shared' / 'CL_Benchmark'}", "data.tasks=[sst2,agnews]",
+        "data.max_train_examples=8", "train.epochs=1", "train.per_device_batch=2", "train.global_batch=4",
+        "train.collective_timeout_s=300", "eval.stages=none",
+        "deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}",
+    ])
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(exclude={"name"})))
+    runs = {ranks: root / f"run-{ranks}" for ranks in (1, 2)}
+    for ranks, run in runs.items():
+        launch([(path, run)], ranks=ranks, cache=root / "cache", timeout=1500)
+    return runs
+
+
+def test_one_and_two_ranks_give_the_same_losses(worlds: dict[int, Path]) -> None:
+    from tests.trainer_helpers import train_log
+
+    for stage in ("01-sst2", "02-agnews"):
+        one, two = train_log(worlds[1], stage), train_log(worlds[2], stage)
+        assert len(one) == len(two) > 0
+        for a, b in zip(one, two):
+            for key in [k for k in a if k.startswith("loss")]:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (stage, a["step"], key)
+
+
+def test_one_and_two_ranks_give_the_same_snapshots(worlds: dict[int, Path]) -> None:
+    from tests.trainer_helpers import stage_tensors
+
+    for stage in ("01-sst2", "02-agnews"):
+        one, two = stage_tensors(worlds[1], stage), stage_tensors(worlds[2], stage)
+        assert one.keys() == two.keys() and one
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=f"{stage} {name}")
