@@ -2,7 +2,8 @@
 
     <run>/recipe.yaml                 the resolved recipe, written once
     <run>/manifest.json               format tag, order, world size, global batch, seed, versions, stages,
-                                      sessions (each launch: versions, accelerator and backend, recipe changes)
+                                      sessions (each launch: versions, accelerator and backend, recipe changes;
+                                      a resume: resumed_from, the stage index, task and step it went on from)
     <run>/stages/<k>-<task>/          snapshot.safetensors (branches + gates, working copies),
                                       method.safetensors (bases), train_log.jsonl,
                                       predictions/<task>.jsonl, scores.json

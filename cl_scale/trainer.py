@@ -144,12 +144,21 @@ def _open_run_dir(recipe: Any, path: Path, tasks: list[str], *, resume: bool, al
                 "resume with the original recipe, or pass --allow-changed-recipe if the change is intended",
             )
         run.discard_unfinished()
-        run.manifest.setdefault("sessions", []).append({**session, "recipe_changes": changes})
+        resumed = {**session, "recipe_changes": changes, "resumed_from": _resume_point(run)}
+        run.manifest.setdefault("sessions", []).append(resumed)
         run.save_manifest()
         return run.manifest
 
     # rank 0 owns the manifest; the others get its copy instead of reading a file that may lag behind
     return rundir.RunDir(path, dist_utils.run_on_main(open_or_create))
+
+
+def _resume_point(run: Any) -> dict[str, Any]:
+    """Where a resumed session picks up: the first stage not committed (0-based index, as in `stages`),
+    its task (None when every stage is done) and the optimizer steps of it already done."""
+    finished = set(run.finished_stages())
+    index = next((i for i in range(len(run.tasks)) if i not in finished), len(run.tasks))
+    return {"index": index, "task": run.tasks[index] if index < len(run.tasks) else None, "step": 0}
 
 
 def _start_session(recipe: Any, run: Any, tasks: list[str], ds_config: dict[str, Any]) -> Session:

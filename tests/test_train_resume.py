@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cl_scale.rundir import open_run
+from cl_scale.rundir import IN_PROGRESS, TRAIN_LOG, open_run
 from tests.trainer_helpers import (
     finished_stages,
     manifest,
@@ -49,10 +49,18 @@ class Runs:
     """`--resume --allow-changed-recipe` with the same change."""
     stage_one_before_resume: tuple[bytes, int]
     """Stage 1's snapshot bytes and mtime right after the kill."""
+    live_log_after_kill: list[dict]
+    """Task 2's step records as the kill left them (the stage in progress)."""
+
+
+def _live_log(run: Path) -> list[dict]:
+    path = run / IN_PROGRESS / STAGES[1] / TRAIN_LOG
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def _stage_two_started(run: Path, log: Path) -> bool:
-    return finished_stages(run) == [0] and f"stage 2/{len(TASKS)}" in log.read_text()
+    """Task 2 is training and has finished two steps."""
+    return finished_stages(run) == [0] and f"stage 2/{len(TASKS)}" in log.read_text() and len(_live_log(run)) >= 2
 
 
 def _interrupt_during_stage_two(run: Path, log: Path, process: subprocess.Popen, sig: signal.Signals) -> int:
@@ -94,6 +102,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, recipe: Path) -> Runs:
         (partial / "snapshot.safetensors").write_bytes(b"half a file")  # what a kill during a stage commit leaves
         snapshot = resumed / "stages" / STAGES[0] / "snapshot.safetensors"
         stage_one = (snapshot.read_bytes(), snapshot.stat().st_mtime_ns)
+        live_log = _live_log(resumed)
         for process in uninterrupted:
             assert process.wait(timeout=600) == 0
     finally:
@@ -104,7 +113,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory, recipe: Path) -> Runs:
     refused = run_train(args, cache=cache)
     resume = run_train([*args, "--allow-changed-recipe"], cache=cache)
     assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
-    return Runs(first, second, resumed, refused, resume, stage_one)
+    return Runs(first, second, resumed, refused, resume, stage_one, live_log)
+
+
+def _strip_throughput(log: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log]
 
 
 def _assert_same_results(a: Path, b: Path) -> None:
@@ -115,8 +128,7 @@ def _assert_same_results(a: Path, b: Path) -> None:
             assert left.keys() == right.keys()
             for key in left:
                 assert torch.equal(left[key], right[key]), f"{stage} {name} {key}"
-        strip = lambda log: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log]  # noqa: E731
-        assert strip(train_log(a, stage)) == strip(train_log(b, stage)), stage
+        assert _strip_throughput(train_log(a, stage)) == _strip_throughput(train_log(b, stage)), stage
     final = Path("stages") / STAGES[-1]
     for path in (a / final / "predictions").iterdir():
         assert path.read_text() == (b / final / "predictions" / path.name).read_text()
@@ -130,6 +142,23 @@ def test_same_seed_twice_gives_the_same_result(runs: Runs) -> None:
 def test_resume_after_kill_during_task_two_equals_the_uninterrupted_run(runs: Runs) -> None:
     _assert_same_results(runs.first, runs.resumed)
     assert not any(p.name.startswith(".partial-") for p in (runs.resumed / "stages").iterdir())
+
+
+def test_a_kill_keeps_every_finished_step_of_the_stage_in_training(runs: Runs) -> None:
+    kept = runs.live_log_after_kill
+    uninterrupted = _strip_throughput(train_log(runs.first, STAGES[1]))
+    assert 2 <= len(kept) < len(uninterrupted)
+    assert _strip_throughput(kept) == uninterrupted[: len(kept)]
+
+
+def test_committed_stage_replaces_its_step_log_in_progress(runs: Runs) -> None:
+    assert not (runs.resumed / IN_PROGRESS).exists()
+
+
+def test_manifest_records_where_the_resume_went_on_from(runs: Runs) -> None:
+    first, *_, last = manifest(runs.resumed)["sessions"]
+    assert "resumed_from" not in first
+    assert last["resumed_from"] == {"index": 1, "task": TASKS[1], "step": 0}
 
 
 def test_resume_redoes_only_task_two_onward(runs: Runs) -> None:
