@@ -15,6 +15,7 @@ from cl_scale.data.benchmark import SPLITS, TaskInfo, count_examples, default_me
 from cl_scale.data.lengths import LengthStats, token_length_stats
 from cl_scale.data.orders import resolve_tasks
 from cl_scale.data.synthetic import DEFAULT_N_TEST, DEFAULT_N_TRAIN, SYNTHETIC_BENCHMARK, SYNTHETIC_TASKS
+from cl_scale.data.own_tasks import own_split_size
 from cl_scale.data.tasks import SYNTHETIC_ROOT, load_task, task_info
 from cl_scale.errors import CLScaleError
 
@@ -23,6 +24,12 @@ def _split_size(info: TaskInfo, split: str, synthetic_sizes: tuple[int, int]) ->
     """The instance count, or a red word saying why there is none; built-in tasks have the sizes asked for."""
     if info.benchmark == SYNTHETIC_BENCHMARK:
         return str(synthetic_sizes[0] if split == "train" else synthetic_sizes[1])
+    if info.files is not None:
+        try:
+            size = own_split_size(info.files, split)
+        except CLScaleError:
+            return "[red]unreadable[/red]"
+        return "none" if size is None else str(size)
     if not split_file(info, split).is_file():
         return "[red]missing[/red]"
     try:

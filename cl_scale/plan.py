@@ -460,13 +460,19 @@ class Plan:
 def _train_examples(recipe: Recipe, task: str) -> tuple[int | None, list[Check]]:
     """Training examples of `task` after data.max_train_examples, and what is wrong with its splits."""
     from cl_scale.data.benchmark import SPLITS, count_examples, split_file
+    from cl_scale.data.own_tasks import check_own_task
     from cl_scale.data.tasks import load_task, task_info
 
     try:
         info = task_info(recipe.data, task)
     except CLScaleError as err:
         return None, [Check("error", task, err.problem)]
-    if info.path is None:  # built-in task: generated, never missing
+    if info.files is not None:  # own task: every record of every split it names read and checked
+        try:
+            check_own_task(info.files)
+        except CLScaleError as err:
+            return None, [Check("error", task, err.problem)]
+    if info.path is None:  # built-in task: generated, never missing; own task: checked above
         return len(load_task(recipe.data, task, "train", seed=recipe.train.seed)), []
     consequence = {"dev": "", "test": ": this task cannot be scored"}
     checks = [

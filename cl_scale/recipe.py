@@ -12,10 +12,19 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cl_scale.errors import CLScaleError
 
@@ -58,13 +67,55 @@ class ModelConfig(_Section):
     """A PEFT LoRA adapter folder the first task's branch starts from (cl_scale/init_adapter.py)."""
 
 
+_TEMPLATE_RULE = "auto, superni, long, or a custom template containing {input} (and optionally {definition})"
+
+
+def _check_template(value: str) -> str:
+    if value not in ("auto", "superni", "long") and "{input}" not in value:
+        raise ValueError(_TEMPLATE_RULE)
+    return value
+
+
+class TaskFilesConfig(_Section):
+    """A task of the user's own files (an entry of `data.tasks` written as a mapping); paths are relative
+    to the working directory, like `data.root`."""
+
+    name: str = Field(min_length=1)
+    train: str = Field(min_length=1)
+    test: str = Field(min_length=1)
+    dev: str | None = Field(default=None, min_length=1)
+    input_field: str = Field(default="input", min_length=1)
+    output_field: str = Field(default="output", min_length=1)
+    instruction: str | None = None
+    metric: Literal["rouge", "exact"]
+    template: str | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _template_has_input(cls, value: str | None) -> str | None:
+        return None if value is None else _check_template(value)
+
+
+# pydantic names the chosen branch of `data.tasks` entries in error locations; _issue drops it again.
+_FILES_TAG = "own task"
+TaskEntry = Annotated[
+    Annotated[str, Tag("name")] | Annotated[TaskFilesConfig, Tag(_FILES_TAG)],
+    Discriminator(lambda value: _FILES_TAG if isinstance(value, dict | TaskFilesConfig) else "name"),
+]
+
+
 class DataConfig(_Section):
-    """Where the tasks come from, in which order, and how prompts are built."""
+    """Where the tasks come from, in which order, and how prompts are built.
+
+    `tasks` mixes names (CL_Benchmark folders under `root`, or the built-in suite) with own tasks
+    (mappings, see TaskFilesConfig) in the order they are trained.
+    """
 
     root: str = "../shared/CL_Benchmark"
     order: str | None = None
-    tasks: list[str] | None = Field(default=None, min_length=1)
+    tasks: list[TaskEntry] | None = Field(default=None, min_length=1)
     template: str = "auto"
+    chat_template: bool = False
     max_source_length: int = Field(default=512, gt=0)
     max_target_length: int = Field(default=50, gt=0)
     max_train_examples: int | None = Field(default=None, gt=0)
@@ -73,11 +124,7 @@ class DataConfig(_Section):
     @field_validator("template")
     @classmethod
     def _template_has_input(cls, value: str) -> str:
-        if value not in ("auto", "superni", "long") and "{input}" not in value:
-            raise ValueError(
-                "auto, superni, long, or a custom template containing {input} (and optionally {definition})"
-            )
-        return value
+        return _check_template(value)
 
     @model_validator(mode="after")
     def _one_task_source(self) -> DataConfig:
@@ -395,7 +442,7 @@ def _explain(
 def _issue(
     item: Any, data: dict[str, Any], source: Path, lines: dict[Key, int], origins: dict[Key, str]
 ) -> tuple[str, str]:
-    loc: Key = tuple(item["loc"])
+    loc: Key = tuple(part for part in item["loc"] if part != _FILES_TAG)
     kind = item["type"]
     where = _where(loc, source, lines, origins)
     key = _dotted(loc)
@@ -458,11 +505,20 @@ def _given(loc: Key, data: Any) -> str | None:
 def _valid_keys(loc: Key) -> list[str]:
     model: type[BaseModel] = Recipe
     for part in loc:
-        annotation = model.model_fields[str(part)].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if isinstance(part, int):  # an entry of a list: its section type was found with the list
+            continue
+        section = _section_of(model.model_fields[str(part)].annotation)
+        if section is None:
             return []
-        model = annotation
+        model = section
     return list(model.model_fields)
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    """The section type an annotation holds, also inside a list, union or Annotated (data.tasks entries)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((found for arg in get_args(annotation) if (found := _section_of(arg)) is not None), None)
 
 
 def _dotted(loc: Key) -> str:

@@ -28,10 +28,14 @@ class TaskInfo:
     name: str
     benchmark: str
     path: Path | None
+    files: Any = None
+    """An own task's recipe entry (cl_scale.data.own_tasks.TaskFiles); None for benchmark and built-in tasks."""
 
 
 def default_metric(info: TaskInfo) -> Literal["rouge", "exact"]:
-    """ROUGE-L for the SuperNI generation tasks, exact match for the classification benchmarks."""
+    """An own task's metric; else ROUGE-L for the SuperNI generation tasks, exact match for the rest."""
+    if info.files is not None:
+        return info.files.metric
     return "rouge" if info.benchmark == "SuperNI" else "exact"
 
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from cl_scale.data.names import unknown_name
 from cl_scale.errors import CLScaleError
+
+if TYPE_CHECKING:
+    from cl_scale.data.own_tasks import TaskFiles
 
 _SUPERNI_ORDER1 = [
     "task1572_samsum_summary",
@@ -56,8 +62,9 @@ ORDERS: dict[str, list[str]] = {
 }
 
 
-def resolve_tasks(order: str | None, tasks: list[str] | None) -> list[str]:
-    """The task sequence of a run: a named order or an explicit list, never both, so the order is unambiguous."""
+def resolve_tasks(order: str | None, tasks: Sequence[str | TaskFiles] | None) -> list[str]:
+    """The task names of a run, in order: a named order or an explicit list (names and own tasks), never both,
+    so the order is unambiguous; every name once, whatever source it comes from."""
     if order is not None and tasks is not None:
         raise CLScaleError("data.order and data.tasks are both set", "keep one: a named order or an explicit task list")
     if order is not None:
@@ -66,7 +73,11 @@ def resolve_tasks(order: str | None, tasks: list[str] | None) -> list[str]:
         return list(ORDERS[order])
     if not tasks:
         raise CLScaleError("no tasks to train", f"set data.order to one of {', '.join(ORDERS)} or list data.tasks")
-    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+    names = [task if isinstance(task, str) else task.name for task in tasks]
+    repeated = sorted({t for t in names if names.count(t) > 1})
     if repeated:
-        raise CLScaleError(f"data.tasks lists {', '.join(repeated)} more than once", "list every task once")
-    return list(tasks)
+        raise CLScaleError(
+            f"data.tasks lists {', '.join(repeated)} more than once (task names must be unique across all sources)",
+            "list every task once; give an own task a name of its own",
+        )
+    return names

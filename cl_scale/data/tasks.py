@@ -1,4 +1,4 @@
-"""The trainer's single door to task data: benchmark folder or built-in suite, capped, with prompts."""
+"""The trainer's single door to task data: benchmark folder, own files or built-in suite, capped, with prompts."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from datasets import Dataset
 
 from cl_scale.data.benchmark import TaskInfo, find_task, load_examples, split_file
 from cl_scale.data.names import unknown_name
+from cl_scale.data.own_tasks import OWN_BENCHMARK, TaskFiles, check_own_task, load_own_examples
 from cl_scale.data.prompts import build_prompt, resolve_template
 from cl_scale.data.synthetic import (
     DEFAULT_N_TEST,
@@ -25,7 +26,7 @@ class DataConfig(Protocol):
 
     root: str
     order: str | None
-    tasks: list[str] | None
+    tasks: list[str | TaskFiles] | None
     template: str
     max_source_length: int
     max_target_length: int
@@ -34,7 +35,13 @@ class DataConfig(Protocol):
 
 
 def task_info(data_cfg: DataConfig, task: str) -> TaskInfo:
-    """Where `task` comes from; its `benchmark` picks the prompt format and the metric."""
+    """Where `task` comes from; its `benchmark` picks the prompt format and the metric.
+
+    An own task of `data.tasks` is found by its name before any folder, so it needs no benchmark copy.
+    """
+    own = [entry for entry in data_cfg.tasks or () if not isinstance(entry, str) and entry.name == task]
+    if own:
+        return TaskInfo(task, OWN_BENCHMARK, None, files=own[0])
     if data_cfg.root == SYNTHETIC_ROOT:
         if task not in SYNTHETIC_TASKS:
             raise unknown_name("synthetic task", task, SYNTHETIC_TASKS)
@@ -60,18 +67,26 @@ def load_task(data_cfg: DataConfig, task: str, split: str, *, seed: int) -> Data
         )
     else:
         cap = data_cfg.max_train_examples if split == "train" else data_cfg.max_eval_examples
-        ds = load_examples(data_cfg.root, task, split, max_examples=cap, seed=seed)
-    template = resolve_template(data_cfg.template, info.benchmark)
+        if info.files is not None:
+            ds = load_own_examples(info.files, split, max_examples=cap, seed=seed)
+        else:
+            ds = load_examples(data_cfg.root, task, split, max_examples=cap, seed=seed)
+    own_template = None if info.files is None else info.files.template
+    template = resolve_template(own_template or data_cfg.template, info.benchmark)
     prompts = [build_prompt(d, x, template) for d, x in zip(ds["definition"], ds["input"])]
     return ds.add_column("prompt", prompts)
 
 
 def check_tasks(data_cfg: DataConfig, tasks: list[str], splits: tuple[str, ...] = ("train", "test")) -> None:
-    """Fail before anything is written if a task is unknown or one of its needed split files is missing."""
+    """Fail before anything is written if a task is unknown or one of its needed split files is missing;
+    own tasks have every record of every split they name checked."""
     from cl_scale.errors import CLScaleError
 
     for task in tasks:
         info = task_info(data_cfg, task)
+        if info.files is not None:
+            check_own_task(info.files)
+            continue
         if info.path is None:
             continue
         for split in splits:
