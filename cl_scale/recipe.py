@@ -26,7 +26,9 @@ from pydantic import (
     model_validator,
 )
 
+from cl_scale.data.orders import ORDERS
 from cl_scale.errors import CLScaleError
+from cl_scale.modeling.builtin_specs import BUILTIN_PREFIX, BUILTINS
 
 Key = tuple[str | int, ...]
 
@@ -65,6 +67,13 @@ class ModelConfig(_Section):
     pad_token_id: int | None = Field(default=None, ge=0)
     init_adapter: str | None = None
     """A PEFT LoRA adapter folder the first task's branch starts from (cl_scale/init_adapter.py)."""
+
+    @field_validator("path")
+    @classmethod
+    def _builtin_is_known(cls, value: str) -> str:
+        if value.startswith(BUILTIN_PREFIX) and value.removeprefix(BUILTIN_PREFIX) not in BUILTINS:
+            raise ValueError(f"a built-in model ({', '.join(BUILTIN_PREFIX + name for name in BUILTINS)}) or a model path")
+        return value
 
 
 _TEMPLATE_RULE = "auto, superni, long, or a custom template containing {input} (and optionally {definition})"
@@ -125,6 +134,15 @@ class DataConfig(_Section):
     @classmethod
     def _template_has_input(cls, value: str) -> str:
         return _check_template(value)
+
+    @field_validator("order")
+    @classmethod
+    def _order_is_known(cls, value: str | None) -> str | None:
+        if value is not None and value not in ORDERS:
+            close = difflib.get_close_matches(value, ORDERS, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"a named order{hint}: one of {', '.join(ORDERS)}")
+        return value
 
     @model_validator(mode="after")
     def _one_task_source(self) -> DataConfig:

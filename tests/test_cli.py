@@ -68,6 +68,12 @@ def test_unknown_key_exits_2_with_key_line_and_suggestion(recipe: Path) -> None:
     assert "Traceback" not in result.output
 
 
+def test_recipe_show_refuses_an_unknown_order(recipe: Path) -> None:
+    result = runner.invoke(app, ["recipe", "show", str(recipe), "--set", "data.order=no_such_order"])
+    assert result.exit_code == 2
+    assert "`data.order`: expected a named order" in result.stderr
+
+
 def test_malformed_override_exits_2_with_the_expected_form(recipe: Path) -> None:
     result = runner.invoke(app, ["recipe", "show", str(recipe), "train.lr"])
     assert result.exit_code == 2

@@ -176,6 +176,18 @@ def test_unknown_choice_lists_the_choices(tmp_path: Path) -> None:
     assert 'got "lora" (str)' in error.problem
 
 
+def test_unknown_order_is_refused_when_the_recipe_loads(tmp_path: Path) -> None:
+    error = error_of(write(tmp_path, MINIMAL), ("data.order=superni_ordr1",))
+    assert "override `data.order=superni_ordr1`: `data.order`: expected a named order" in error.problem
+    assert "superni_order1" in error.problem
+
+
+def test_unknown_builtin_model_is_refused_when_the_recipe_loads(tmp_path: Path) -> None:
+    error = error_of(write(tmp_path, MINIMAL), ("model.path=builtin:tiny-lama",))
+    assert "`model.path`: expected a built-in model" in error.problem
+    assert "builtin:tiny-llama" in error.problem
+
+
 def test_several_mistakes_are_reported_together(tmp_path: Path) -> None:
     error = error_of(write(tmp_path, MINIMAL + "train:\n  epochs: x\n  lrr: 1\n"))
     assert error.problem.startswith("2 problems in the recipe:")
@@ -263,9 +275,9 @@ def test_resolved_yaml_loads_back_to_an_equal_recipe(tmp_path: Path) -> None:
 
 
 def test_resolved_yaml_keeps_float_looking_strings_as_strings(tmp_path: Path) -> None:
-    recipe = load_recipe(write(tmp_path, MINIMAL), ("data.order='1e3'",))
+    recipe = load_recipe(write(tmp_path, MINIMAL), ("model.attn_implementation='1e3'",))
     again = load_recipe(write(tmp_path, recipe_to_yaml(recipe), "resolved.yaml"))
-    assert again.data.order == "1e3"
+    assert again.model.attn_implementation == "1e3"
 
 
 def test_recipe_to_dict_fills_every_default(tmp_path: Path) -> None:

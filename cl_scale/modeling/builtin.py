@@ -13,34 +13,13 @@ import fcntl
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PretrainedConfig
 
 from cl_scale.errors import CLScaleError
-
-
-@dataclass(frozen=True)
-class BuiltinSpec:
-    """How a built-in model is made; bump `version` whenever any of it changes."""
-
-    kind: str
-    version: int
-    vocab_size: int
-    hidden: int
-    layers: int
-    heads: int
-    pretrain_steps: int
-    pretrain_batch: int
-    pretrain_lr: float
-
-
-BUILTINS: dict[str, BuiltinSpec] = {
-    "tiny-llama": BuiltinSpec("causal", 3, 400, 128, 4, 4, 1500, 16, 3e-3),
-    "tiny-t5": BuiltinSpec("seq2seq", 2, 400, 128, 3, 4, 1500, 16, 3e-3),
-}
+from cl_scale.modeling.builtin_specs import BUILTINS, BuiltinSpec
 
 
 def cache_root() -> Path:

@@ -21,13 +21,13 @@ from transformers import (
 )
 
 from cl_scale.errors import CLScaleError
+from cl_scale.modeling.builtin_specs import BUILTIN_PREFIX
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
     from cl_scale.recipe import ModelConfig
 
-BUILTIN_PREFIX = "builtin:"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
