@@ -16,7 +16,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from cl_scale.errors import CLScaleError
+from cl_scale.errors import REQUEUE_EXIT, CLScaleError, StopRequested
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -40,6 +40,8 @@ class _Group(TyperGroup):
                 raise
             _stderr().print("[red]interrupted[/red]")
             ctx.exit(130)
+        except StopRequested:
+            ctx.exit(REQUEUE_EXIT)  # the trainer has said what it saved
 
 
 def _stderr() -> Console:

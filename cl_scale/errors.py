@@ -14,6 +14,14 @@ class CLScaleError(Exception):
         super().__init__(problem if fix is None else f"{problem}\n  fix: {fix}")
 
 
+REQUEUE_EXIT = 75
+"""Exit code of a run a stop signal ended after its checkpoint (EX_TEMPFAIL): slurm/train.sbatch requeues it."""
+
+
+class StopRequested(Exception):
+    """Every rank finished its step and wrote a checkpoint after SIGUSR1/SIGTERM: exit with REQUEUE_EXIT."""
+
+
 def read_json(path: os.PathLike[str] | str, *, fix: str) -> object:
     """Parse a JSON file; invalid JSON becomes one CLScaleError naming the file, line and column."""
     import json

@@ -39,21 +39,22 @@ class Bar:
     """One counted activity (`label`, `total` items). `update` after each item with the fields to show."""
 
     def __init__(self, label: str, total: int, *, every: int, interval_s: float, console: Console | None,
-                 rich_progress: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 done: int = 0, rich_progress: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.label, self.total, self.every, self.interval_s = label, total, every, interval_s
         self.console, self.rich_progress, self.clock = console, rich_progress, clock
         self.started = self.last_line = clock()
-        self.done = 0
-        self.rich_task = None if rich_progress is None else rich_progress.add_task(label, total=total, info="")
+        self.done = self.initial = done  # items done before this bar started (a resumed stage) set no rate
+        self.rich_task = None if rich_progress is None else rich_progress.add_task(
+            label, total=total, completed=done, info="")
 
     def remaining_s(self) -> float | None:
         """Seconds left at the rate so far (None before the first item)."""
-        if self.done == 0:
-            return None
-        return (self.clock() - self.started) / self.done * (self.total - self.done)
+        per_item = self.seconds_per_item()
+        return None if per_item is None else per_item * (self.total - self.done)
 
     def seconds_per_item(self) -> float | None:
-        return None if self.done == 0 else (self.clock() - self.started) / self.done
+        counted = self.done - self.initial
+        return None if counted <= 0 else (self.clock() - self.started) / counted
 
     def update(self, done: int, fields: dict[str, Any] | None = None) -> None:
         self.done = done
@@ -83,12 +84,14 @@ class Reporter:
         self.console, self.interval_s, self.enabled, self.clock = console, interval_s, enabled, clock
 
     @contextmanager
-    def bar(self, label: str, total: int, *, every: int = 1) -> Iterator[Bar]:
+    def bar(self, label: str, total: int, *, every: int = 1, done: int = 0) -> Iterator[Bar]:
+        """A bar of `total` items of which `done` are already done."""
         if not self.enabled:
-            yield Bar(label, total, every=every, interval_s=self.interval_s, console=None, clock=self.clock)
+            yield Bar(label, total, every=every, interval_s=self.interval_s, console=None, done=done, clock=self.clock)
             return
         if not self.console.is_terminal:
-            yield Bar(label, total, every=every, interval_s=self.interval_s, console=self.console, clock=self.clock)
+            yield Bar(label, total, every=every, interval_s=self.interval_s, console=self.console, done=done,
+                      clock=self.clock)
             return
         from rich.progress import (
             BarColumn,
@@ -102,7 +105,7 @@ class Reporter:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=self.console) as progress:
-            yield Bar(label, total, every=every, interval_s=self.interval_s, console=self.console,
+            yield Bar(label, total, every=every, interval_s=self.interval_s, console=self.console, done=done,
                       rich_progress=progress, clock=self.clock)
 
     def counted(self, label: str, items: Iterable[Any], total: int) -> Iterator[Any]:

@@ -228,6 +228,8 @@ class DeepSpeedConfig(_Section):
 
     config: str = "ds_configs/zero3.json"
     overrides: dict[str, Any] = Field(default_factory=dict)
+    checkpoint_every_steps: int = Field(default=0, ge=0)
+    """Engine checkpoint every this many optimizer steps inside a task, for --resume within it (0: off)."""
 
     def config_path(self) -> Path:
         """The config file: as given if it exists (absolute or from the cwd), else under the repo root."""

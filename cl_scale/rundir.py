@@ -8,7 +8,8 @@
                                       method.safetensors (bases), train_log.jsonl,
                                       predictions/<task>.jsonl, scores.json
     <run>/in_progress/<k>-<task>/     the stage being trained: train_log.jsonl, its steps so far, appended
-                                      and flushed per step (survives a crash; removed when the stage commits)
+                                      and flushed per step (survives a crash), and checkpoint/<tag>/ (engine
+                                      checkpoints inside the task, cl_scale.checkpoint); removed when it commits
     <run>/matrix.*, metrics.json, heatmap.png, ap_curve.png, diagnostics.json   (cl_scale.evaluation)
 
 A stage is assembled in `stages/.partial-<k>-<task>/` and renamed into place, then recorded in the

@@ -4,7 +4,8 @@ Per stage: grow the method's branch/gate, build a fresh engine over exactly the 
 let the method run its data passes, train the epochs, let it extend its bases, snapshot, evaluate the
 tasks seen so far, tear the engine down, record the stage. Every rank runs the same code; only rank 0
 prints and writes. Each stage seeds the global RNG (dropout) itself, so a resumed stage repeats an
-uninterrupted one exactly.
+uninterrupted one exactly; with train.checkpoint_every_steps, or on SIGUSR1/SIGTERM, it also checkpoints
+its engine inside the task and --resume goes on from the newest checkpoint (cl_scale.checkpoint).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cl_scale import checkpoint
 from cl_scale import distributed as dist_utils
 from cl_scale.distributed import ZeroAccess
-from cl_scale.errors import CLScaleError
+from cl_scale.errors import CLScaleError, StopRequested
 from cl_scale.progress import ReportedBatches, Reporter
 from cl_scale.rundir import TRAIN_LOG
 from cl_scale.stage_runner import ShardBatches, StageRunner
@@ -158,7 +160,10 @@ def _resume_point(run: Any) -> dict[str, Any]:
     its task (None when every stage is done) and the optimizer steps of it already done."""
     finished = set(run.finished_stages())
     index = next((i for i in range(len(run.tasks)) if i not in finished), len(run.tasks))
-    return {"index": index, "task": run.tasks[index] if index < len(run.tasks) else None, "step": 0}
+    if index == len(run.tasks):
+        return {"index": index, "task": None, "step": 0}
+    resumable = checkpoint.newest_complete(run.in_progress_dir(index) / checkpoint.CHECKPOINT_DIR)
+    return {"index": index, "task": run.tasks[index], "step": 0 if resumable is None else resumable.step}
 
 
 def _start_session(recipe: Any, run: Any, tasks: list[str], ds_config: dict[str, Any]) -> Session:
@@ -306,7 +311,16 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner, train_rows
     accumulation = engine.gradient_accumulation_steps()
     total_steps = sum(len(p) for p in plans) // accumulation
     earlier_steps = sum(s["steps"] for s in session.run.manifest["stages"] if s["index"] < runner.task_index)
+    checkpoints = session.run.in_progress_dir(runner.task_index) / checkpoint.CHECKPOINT_DIR
+    resumable = dist_utils.run_on_main(checkpoint.newest_complete, checkpoints)
     log: list[dict[str, Any]] = []
+    if resumable is not None:
+        checkpoint.load(engine, resumable)
+        log = resumable.log
+        session.console.print(f"resuming {task} after step {resumable.step}/{total_steps} ({resumable.tag})")
+    # the data order is a function of seed and epoch: the steps done say where to go on
+    micro_batches = [(e, indices) for e, plan in enumerate(plans) for indices in plan][len(log) * accumulation:]
+    every = recipe.train.checkpoint_every_steps
     engine.train()
     dist_utils.restart_zero_trace(engine)
     sums: dict[str, torch.Tensor] = {}  # detached device tensors: no host sync per micro-batch
@@ -314,34 +328,40 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner, train_rows
     started = time.perf_counter()
     label = f"{_stage_label(session, runner.task_index)} step"
     live_log = session.run.in_progress_dir(runner.task_index) / TRAIN_LOG
-    with session.reporter.bar(label, total_steps, every=recipe.train.log_every) as bar, (
-        LiveStepLog(live_log, []) if dist_utils.is_main() else contextlib.nullcontext()
-    ) as live:
-        for epoch, plan in enumerate(plans):
-            for indices in plan:
-                batch = train_rows.batch(indices)
-                output = engine(**batch)
-                loss, terms = session.method.loss(output.loss, session.model.context)
-                engine.backward(loss)
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0) + value.detach().double()
-                tokens += batch["attention_mask"].sum()
-                boundary = engine.is_gradient_accumulation_boundary()
-                if boundary:
-                    session.method.before_step(runner)
-                engine.step()
-                if not boundary:
-                    continue
-                session.method.after_step(runner)
-                record = step_record(engine, sums, accumulation, tokens, started, epoch, len(log) + 1)
-                log.append(record)
-                if live is not None:
-                    live.append(record)
-                if session.tensorboard is not None:
-                    session.tensorboard.log_step(record, earlier_steps + record["step"])
-                sums, started = {}, time.perf_counter()
-                tokens = torch.zeros_like(tokens)
-                bar.update(len(log), _progress_fields(record, session, runner.task_index, bar))
+    with session.reporter.bar(label, total_steps, every=recipe.train.log_every, done=len(log)) as bar, (
+        LiveStepLog(live_log, log) if dist_utils.is_main() else contextlib.nullcontext()
+    ) as live, checkpoint.StopSignal() as stop:
+        for epoch, indices in micro_batches:
+            batch = train_rows.batch(indices)
+            output = engine(**batch)
+            loss, terms = session.method.loss(output.loss, session.model.context)
+            engine.backward(loss)
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0) + value.detach().double()
+            tokens += batch["attention_mask"].sum()
+            boundary = engine.is_gradient_accumulation_boundary()
+            if boundary:
+                session.method.before_step(runner)
+            engine.step()
+            if not boundary:
+                continue
+            session.method.after_step(runner)
+            record = step_record(engine, sums, accumulation, tokens, started, epoch, len(log) + 1)
+            log.append(record)
+            if live is not None:
+                live.append(record)
+            if session.tensorboard is not None:
+                session.tensorboard.log_step(record, earlier_steps + record["step"])
+            sums, started = {}, time.perf_counter()
+            tokens = torch.zeros_like(tokens)
+            bar.update(len(log), _progress_fields(record, session, runner.task_index, bar))
+            stopping = stop.requested()
+            if stopping or (every and len(log) % every == 0 and len(log) < total_steps):
+                checkpoint.save(engine, checkpoints, len(log), log)
+            if stopping:
+                session.console.print(f"stopped by a signal after step {len(log)}/{total_steps} of {task}: "
+                                      f"checkpoint written, --resume goes on from there")
+                raise StopRequested
     return log
 
 
