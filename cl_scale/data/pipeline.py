@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from cl_scale.data.chat import tokenize_chat
 from cl_scale.data.collators import (
     CausalCollator,
     Seq2SeqCollator,
@@ -18,6 +19,7 @@ from cl_scale.data.collators import (
     tokenize_seq2seq,
 )
 from cl_scale.data.tasks import load_task
+from cl_scale.errors import CLScaleError
 
 
 @dataclass
@@ -65,6 +67,11 @@ def tokenize_examples(
 ) -> TaskRows:
     """Tokenise examples (columns id, prompt, and target unless prompts_only) with the recipe's limits."""
     data = recipe.data
+    if data.chat_template and kind == "seq2seq":
+        raise CLScaleError(
+            "data.chat_template is for decoder-only instruct models; this model is an encoder-decoder",
+            "set data.chat_template=false",
+        )
     if kind == "seq2seq":
         if prompts_only and "target" not in examples.column_names:
             # The seq2seq tokeniser wants a target; an empty one is dropped with the labels it makes.
@@ -76,7 +83,12 @@ def tokenize_examples(
         if prompts_only:
             rows = rows.remove_columns("labels")
         return TaskRows(examples, rows, Seq2SeqCollator(tokenizer.pad_token_id))
-    if prompts_only:
+    if data.chat_template:
+        rows = tokenize_chat(
+            examples, tokenizer, max_source_length=data.max_source_length,
+            max_target_length=data.max_target_length, prompts_only=prompts_only, cache_dir=cache_dir,
+        )
+    elif prompts_only:
         rows = tokenize_causal_prompts(examples, tokenizer, max_source_length=data.max_source_length, cache_dir=cache_dir)
     else:
         rows = tokenize_causal(
