@@ -80,7 +80,7 @@ def open_run_recipe(run_dir: str | Path) -> tuple[RunDir, Recipe]:
 
 def build_state(recipe: Recipe, ds_config: dict[str, Any] | None, num_tasks: int) -> ContinualState:
     """Load the frozen base (partitioned under ZeRO-3), wrap it and create the recipe's method."""
-    from cl_scale.methods import build_method
+    from cl_scale.methods import build_method, method_class
     from cl_scale.modeling.loading import load_base_model, load_tokenizer, model_dir
     from cl_scale.modeling.wrapper import ContinualModel
 
@@ -95,7 +95,7 @@ def build_state(recipe: Recipe, ds_config: dict[str, Any] | None, num_tasks: int
         rank=method_cfg.rank,
         alpha=method_cfg.alpha,
         dropout=method_cfg.dropout,
-        gate_hidden=method_cfg.gate.hidden if method_cfg.name == "gainlora" else None,
+        gate_hidden=method_cfg.gate.hidden if method_class(method_cfg.name).gated else None,
     )
     method = build_method(method_cfg, model, num_tasks)
     return ContinualState(tokenizer, loaded.kind, model, method, loaded.zero3_handle)

@@ -18,25 +18,25 @@ from cl_scale.errors import CLScaleError
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
 DEFAULT_METHODS = ("seqlora", "gainlora")
-LABELS = {"seqlora": "SeqLoRA", "inclora": "IncLoRA", "olora": "O-LoRA", "nlora": "N-LoRA",
-          "inflora": "InfLoRA", "gainlora": "GainLoRA (InfLoRA)"}
 
 
-def _run_method(recipe_path: Path, method: str, out_dir: Path, console: Console) -> Path:
-    """Train (or reuse / resume) the demo run of one method; returns its run directory."""
+def _run_method(recipe_path: Path, method: str, out_dir: Path, console: Console) -> tuple[str, Path]:
+    """Train (or reuse / resume) the demo run of one method; returns its label and run directory."""
+    from cl_scale.methods import method_class
     from cl_scale.recipe import load_recipe
     from cl_scale.rundir import open_run
     from cl_scale.trainer import run_training
 
     recipe = load_recipe(recipe_path, [f"method.name={method}", f"name=demo-{method}", f"output.dir={out_dir}"])
     run_dir = out_dir / recipe.name
+    label = method_class(method).label(recipe.method)
     resume = (run_dir / "manifest.json").is_file()
     if resume and len(open_run(run_dir).finished_stages()) == len(open_run(run_dir).tasks):
-        console.print(f"[green]reusing[/] the finished {LABELS.get(method, method)} run in {run_dir}")
-        return run_dir
-    console.rule(f"[bold]{LABELS.get(method, method)}")
+        console.print(f"[green]reusing[/] the finished {label} run in {run_dir}")
+        return label, run_dir
+    console.rule(f"[bold]{label}")
     run_training(recipe, resume=resume, run_dir=run_dir, allow_changed_recipe=False)
-    return run_dir
+    return label, run_dir
 
 
 def run_demo(methods: Sequence[str] = DEFAULT_METHODS, out_dir: Path = Path("runs"),
@@ -57,10 +57,9 @@ def run_demo(methods: Sequence[str] = DEFAULT_METHODS, out_dir: Path = Path("run
     for column in ("method", "AP", "FT", "BWT", "just learned (diag)", "heat map"):
         table.add_column(column, justify="left" if column in ("method", "heat map") else "right")
     panels = []
-    for method, run_dir in runs.items():
+    for label, run_dir in runs.values():
         matrix = read_matrix(run_dir)
         metrics = compute_metrics(matrix.matrix)
-        label = LABELS.get(method, method)
         table.add_row(label, f"{metrics.ap:.2f}", f"{metrics.ft:.2f}", f"{metrics.bwt:.2f}", f"{metrics.diag:.2f}",
                       str(run_dir / "heatmap.png"))
         panels.append((f"{label}: AP {metrics.ap:.1f}, FT {metrics.ft:.1f}", matrix.matrix, matrix.tasks))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from cl_scale.errors import CLScaleError
+from cl_scale.methods import method_class
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -228,7 +229,7 @@ def load_architecture(recipe: Recipe) -> tuple[Architecture | None, str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Parameter counts (ALGORITHMS.md)
+# Parameter counts (docs/methods.md)
 
 
 @dataclass(frozen=True)
@@ -252,20 +253,16 @@ class MethodCounts:
         return branches * self.branch + stage * self.gate
 
 
-def trains_a(method: MethodConfig) -> bool:
-    """InfLoRA (alone or as GainLoRA's branch) designs A and freezes it; every other method trains A."""
-    branch = method.branch if method.name == "gainlora" else method.name
-    return branch != "inflora"
-
-
 def method_counts(arch: Architecture, method: MethodConfig) -> MethodCounts:
-    """Branch and gate sizes for this model and method."""
-    r = method.rank
-    a = sum(r * t.d_in for t in arch.targets)
-    b = sum(t.d_out * r for t in arch.targets)
-    d, h = arch.hidden, method.gate.hidden
-    gate = h * d + d * h + d if method.name == "gainlora" else 0  # W1 h×d, W2 d×h, key d
-    return MethodCounts(a + b, a + b if trains_a(method) else b, gate, method.name != "seqlora")
+    """Branch and gate sizes for this model and method, from the method's own counting rules."""
+    facts = method_class(method.name)
+    per_layer = [facts.branch_parameters_per_layer(method, t.d_in, t.d_out) for t in arch.targets]
+    return MethodCounts(
+        sum(added for added, _ in per_layer),
+        sum(trained for _, trained in per_layer),
+        facts.gate_parameters(method, arch.hidden),
+        facts.grows_branch,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -392,7 +389,7 @@ def _logits(arch: Architecture, recipe: Recipe) -> MemoryItem:
 def _statistics(arch: Architecture, recipe: Recipe) -> MemoryItem | None:
     """InfLoRA's d_in × d_in fp32 second moments, as many at once as method.stats_modules_per_pass allows."""
     method = recipe.method
-    if trains_a(method) or not arch.targets:
+    if method_class(method.name).trains_a(method) or not arch.targets:
         return None
     d_in = max(t.d_in for t in arch.targets)
     at_once = min(method.stats_modules_per_pass or len(arch.targets), len(arch.targets))
@@ -576,7 +573,7 @@ def make_plan(
         recipe=recipe.name or recipe_path,
         model=recipe.model.path,
         model_source=source,
-        method=method.name + (f" ({method.branch} branches)" if method.name == "gainlora" else ""),
+        method=method_class(method.name).label(method),
         gpus=gpus,
         nodes=nodes,
         zero_stage=zero_stage(ds_config),

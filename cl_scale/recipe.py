@@ -28,6 +28,7 @@ from pydantic import (
 
 from cl_scale.data.orders import ORDERS
 from cl_scale.errors import CLScaleError
+from cl_scale.methods import BRANCH_NAMES, METHOD_NAMES
 from cl_scale.modeling.builtin_specs import BUILTIN_PREFIX, BUILTINS
 
 Key = tuple[str | int, ...]
@@ -181,11 +182,11 @@ class InfLoRAConfig(_Section):
 class MethodConfig(_Section):
     """The continual-learning method and its hyperparameters."""
 
-    name: Literal["gainlora", "inflora", "olora", "nlora", "inclora", "seqlora"] = "gainlora"
+    name: str = "gainlora"
     rank: int = Field(default=8, gt=0)
     alpha: float = Field(default=32.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    branch: Literal["inflora", "olora", "nlora"] = "inflora"
+    branch: str = "inflora"
     threshold: float = Field(default=0.995, gt=0, le=1)
     energy: Literal["squared", "classic"] = "squared"
     stats_modules_per_pass: int | None = Field(default=None, gt=0)
@@ -193,6 +194,22 @@ class MethodConfig(_Section):
     olora: OLoRAConfig = Field(default_factory=OLoRAConfig)
     nlora: NLoRAConfig = Field(default_factory=NLoRAConfig)
     inflora: InfLoRAConfig = Field(default_factory=InfLoRAConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _method_is_known(cls, value: str) -> str:
+        return _one_of(value, METHOD_NAMES)
+
+    @field_validator("branch")
+    @classmethod
+    def _branch_is_known(cls, value: str) -> str:
+        return _one_of(value, BRANCH_NAMES)
+
+
+def _one_of(value: str, names: tuple[str, ...]) -> str:
+    if value not in names:
+        raise ValueError(f"one of {', '.join(repr(name) for name in names)}")
+    return value
 
 
 class TrainConfig(_Section):

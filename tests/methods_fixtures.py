@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from cl_scale.distributed import LocalAccess
-from cl_scale.methods import build_method
+from cl_scale.methods import build_method, method_class
 from cl_scale.methods.base import Method
 from cl_scale.modeling.tiny import build_tiny_model, tiny_llama_config
 from cl_scale.modeling.wrapper import IGNORE_INDEX, ContinualModel
@@ -38,7 +38,7 @@ def tiny_model(config: MethodConfig, *, targets: list[str] | None = None, seed: 
         rank=config.rank,
         alpha=config.alpha,
         dropout=config.dropout,
-        gate_hidden=config.gate.hidden if config.name == "gainlora" else None,
+        gate_hidden=config.gate.hidden if method_class(config.name).gated else None,
     )
 
 

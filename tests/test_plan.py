@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -342,3 +343,34 @@ def test_plan_command_fails_after_printing_when_a_train_split_is_missing(tmp_pat
     result = CliRunner().invoke(app, ["plan", str(tmp_path / "tiny.yaml")])
     assert result.exit_code == 2
     assert "error(s) that would stop the run (a)" in result.output
+
+
+@pytest.mark.parametrize(
+    "method", ["seqlora", "inclora", "olora", "nlora", "inflora", "gainlora", "gainlora:olora", "gainlora:nlora"]
+)
+def test_trainable_count_equals_the_built_models_trainable_parameters(method: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from cl_scale.methods import build_method, method_class
+    from cl_scale.modeling.builtin import BUILTINS, spec_config
+    from cl_scale.modeling.wrapper import ContinualModel
+
+    name, _, branch = method.partition(":")
+    overrides = [f"method.name={name}", "method.rank=4", "method.gate.hidden=16", f"data.root={tmp_path}"]
+    recipe = load_recipe(RECIPES / "demo.yaml", overrides + ([f"method.branch={branch}"] if branch else []))
+    spec = BUILTINS["tiny-llama"]
+    model = ContinualModel(
+        AutoModelForCausalLM.from_config(spec_config(spec, spec.vocab_size)),
+        kind="causal",
+        target_modules=recipe.model.target_modules,
+        rank=recipe.method.rank,
+        alpha=recipe.method.alpha,
+        dropout=0.0,
+        gate_hidden=recipe.method.gate.hidden if method_class(name).gated else None,
+    )
+    real = build_method(recipe.method, model, num_tasks=3)
+    generator = torch.Generator().manual_seed(0)
+    for task in range(2):
+        real.grow(task, generator)
+    trained = sum(p.numel() for p in real.trainable_parameters(1))
+    assert plan_of(recipe).tasks[1].trainable == trained

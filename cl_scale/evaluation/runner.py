@@ -18,15 +18,11 @@ from cl_scale import distributed as dist_utils
 from cl_scale.continual_state import open_run_recipe
 from cl_scale.errors import CLScaleError
 from cl_scale.evaluation.metrics import Metrics
+from cl_scale.methods import method_class
+from cl_scale.recipe import MethodConfig
 
 QUICK_LOOK = "quick-look"
 """Folder of a run that receives `--max-examples` results."""
-
-_NAMES = {
-    "gainlora": "GainLoRA", "inflora": "InfLoRA", "olora": "O-LoRA",
-    "nlora": "N-LoRA", "inclora": "IncLoRA", "seqlora": "SeqLoRA",
-}
-
 
 @dataclass
 class RunReport:
@@ -42,10 +38,9 @@ class RunReport:
     written_to: Path
 
 
-def method_label(method_cfg: Any) -> str:
+def method_label(method_cfg: MethodConfig) -> str:
     """The method as papers name it; GainLoRA names its branch method too, e.g. "GainLoRA (InfLoRA)"."""
-    name = _NAMES[method_cfg.name]
-    return f"{name} ({_NAMES[method_cfg.branch]})" if method_cfg.name == "gainlora" else name
+    return method_class(method_cfg.name).label(method_cfg)
 
 
 def order_label(run: Any) -> str:
@@ -174,7 +169,7 @@ def _evaluate(run: Any, recipe: Any, max_examples: int | None, console: Any) -> 
     if max_examples is not None:
         dist_utils.run_on_main(shutil.rmtree, out, ignore_errors=True)
     stored = dist_utils.run_on_main(read_diagnostics, run.path, stages)
-    need_gates = recipe.method.name == "gainlora" and stored is None
+    need_gates = method_class(recipe.method.name).gated and stored is None
     loads = sorted(set(missing) | ({stages - 1} if need_gates else set()))
     filled: dict[tuple[int, str], float] = {}
     gates = None

@@ -25,6 +25,7 @@ from cl_scale.distributed import ParamAccess
 
 if TYPE_CHECKING:
     from cl_scale.modeling.wrapper import ContinualModel
+    from cl_scale.recipe import MethodConfig
 
 
 class TaskRunner(Protocol):
@@ -45,6 +46,33 @@ class Method(ABC):
     """Base class: defaults are those of a method with no data passes, no penalty and no projection."""
 
     name: str = ""
+    title: str = ""
+    """How reports and the demo name the method."""
+    gated: bool = False
+    """Whether the model needs a gate bank: one gate per task, scaling that task's branch per sample."""
+    grows_branch: bool = True
+    """Whether every task gets a branch of its own (SeqLoRA trains one branch again on every task)."""
+
+    @classmethod
+    def label(cls, config: MethodConfig) -> str:
+        """The method's name in tables and figures."""
+        return cls.title
+
+    @classmethod
+    def trains_a(cls, config: MethodConfig) -> bool:
+        """Whether a branch's A (r x d_in) trains; B (d_out x r) always does."""
+        return True
+
+    @classmethod
+    def branch_parameters_per_layer(cls, config: MethodConfig, d_in: int, d_out: int) -> tuple[int, int]:
+        """(added, trained) parameters of one task's branch on one d_in -> d_out target layer."""
+        a, b = config.rank * d_in, d_out * config.rank
+        return a + b, (a if cls.trains_a(config) else 0) + b
+
+    @classmethod
+    def gate_parameters(cls, config: MethodConfig, d_model: int) -> int:
+        """Parameters of one task's gate (all of them train in that task); 0 without gates."""
+        return 0
 
     def __init__(self, config: Any, model: "ContinualModel", num_tasks: int) -> None:
         self.config = config

@@ -29,16 +29,15 @@ from torch import nn
 
 from cl_scale.distributed import ParamAccess
 from cl_scale.errors import CLScaleError
+from cl_scale.methods import BRANCH_NAMES, method_class
 from cl_scale.methods.base import Method, TaskRunner
-from cl_scale.methods.inflora import InfLoRA
-from cl_scale.methods.nlora import NLoRA
-from cl_scale.methods.olora import OLoRA
 from cl_scale.methods.trainable import train_exactly
 from cl_scale.modeling.gates import GateBank
 from cl_scale.modeling.wrapper import ContinualModel
+from cl_scale.recipe import MethodConfig
 from cl_scale.subspace import Basis, GateMoments, collect_gate_moments
 
-BRANCH_METHODS: dict[str, type[Method]] = {"inflora": InfLoRA, "olora": OLoRA, "nlora": NLoRA}
+BRANCH_METHODS: dict[str, type[Method]] = {name: method_class(name) for name in BRANCH_NAMES}
 """Methods GainLoRA can take its branches from (method.branch)."""
 
 GATE_SPACES = ("input", "hidden", "output")
@@ -66,6 +65,21 @@ class GainLoRA(Method):
     """Gated branches from a composed branch method, with gates updated outside old tasks' subspaces."""
 
     name = "gainlora"
+    title = "GainLoRA"
+    gated = True
+
+    @classmethod
+    def label(cls, config: MethodConfig) -> str:
+        return f"{cls.title} ({BRANCH_METHODS[config.branch].label(config)})"
+
+    @classmethod
+    def trains_a(cls, config: MethodConfig) -> bool:
+        return BRANCH_METHODS[config.branch].trains_a(config)
+
+    @classmethod
+    def gate_parameters(cls, config: MethodConfig, d_model: int) -> int:
+        hidden = config.gate.hidden
+        return hidden * d_model + d_model * hidden + d_model  # W1 h x d, W2 d x h, key d
 
     def __init__(self, config: Any, model: ContinualModel, num_tasks: int) -> None:
         super().__init__(config, model, num_tasks)

@@ -18,6 +18,7 @@ class IncLoRA(Method):
     """
 
     name = "inclora"
+    title = "IncLoRA"
 
     def penalty(self, task_index: int) -> PenaltyFn | None:
         """The layer penalty while `task_index` trains (None: the task loss alone)."""

@@ -25,6 +25,7 @@ from cl_scale.methods.base import TaskRunner
 from cl_scale.methods.inclora import IncLoRA
 from cl_scale.methods.trainable import branch_parameters, train_exactly
 from cl_scale.modeling.wrapper import ContinualModel
+from cl_scale.recipe import MethodConfig
 from cl_scale.subspace import Basis, layer_statistics
 
 DESIGNS = ("svd", "random")
@@ -38,6 +39,11 @@ class InfLoRA(IncLoRA):
     """IncLoRA with data-designed, frozen A's and one input basis per target layer."""
 
     name = "inflora"
+    title = "InfLoRA"
+
+    @classmethod
+    def trains_a(cls, config: MethodConfig) -> bool:
+        return False  # designed from data before the task, then frozen
 
     def __init__(self, config: Any, model: ContinualModel, num_tasks: int) -> None:
         super().__init__(config, model, num_tasks)

@@ -47,6 +47,7 @@ class NLoRA(IncLoRA):
     """IncLoRA whose layers carry the N-LoRA sparsity penalty while a task trains."""
 
     name = "nlora"
+    title = "N-LoRA"
 
     def __init__(self, config: Any, model: ContinualModel, num_tasks: int) -> None:
         super().__init__(config, model, num_tasks)

@@ -44,6 +44,7 @@ class OLoRA(IncLoRA):
     """IncLoRA whose layers carry the O-LoRA penalty while a task trains."""
 
     name = "olora"
+    title = "O-LoRA"
 
     def penalty(self, task_index: int) -> PenaltyFn:
         return partial(

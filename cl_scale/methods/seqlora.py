@@ -13,6 +13,8 @@ class SeqLoRA(Method):
     """One shared branch; no memory of old tasks (so stages need their own snapshots)."""
 
     name = "seqlora"
+    title = "SeqLoRA"
+    grows_branch = False
 
     def grow(self, task_index: int, generator: torch.Generator) -> None:
         if self.model.num_branches == 0:
