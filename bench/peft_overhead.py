@@ -20,7 +20,7 @@ from common import add_device_argument, add_timing_arguments, header, interleave
 from peft import LoraConfig, get_peft_model
 
 from cl_scale.distributed import LocalAccess
-from cl_scale.methods import build_method
+from cl_scale.methods import build_method, method_class
 from cl_scale.modeling.tiny import build_tiny_model, tiny_llama_config
 from cl_scale.modeling.wrapper import IGNORE_INDEX, ContinualModel
 from cl_scale.recipe import MethodConfig
@@ -73,7 +73,7 @@ def cl_scale_step(
         rank=rank,
         alpha=alpha,
         dropout=0.0,
-        gate_hidden=config.gate.hidden if method_name == "gainlora" else None,
+        gate_hidden=config.gate.hidden if method_class(method_name).gated else None,
     )
     method = build_method(config, model, num_tasks=1)
     method.grow(0, torch.Generator().manual_seed(0))
