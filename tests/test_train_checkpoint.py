@@ -18,7 +18,16 @@ import torch
 from cl_scale.checkpoint import CHECKPOINT_DIR, COMPLETE
 from cl_scale.errors import REQUEUE_EXIT
 from cl_scale.rundir import IN_PROGRESS, TRAIN_LOG
-from tests.trainer_helpers import REPO, environment, free_port, manifest, stage_tensors, train_log, wait_until, write_recipe
+from tests.trainer_helpers import (
+    REPO,
+    environment,
+    free_port,
+    manifest,
+    stage_tensors,
+    train_log,
+    wait_until,
+    write_recipe,
+)
 
 TASKS = ["reverse", "sort"]
 STAGES = [f"{i + 1:02d}-{task}" for i, task in enumerate(TASKS)]
