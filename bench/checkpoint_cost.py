@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cl_scale import checkpoint  # noqa: E402
-from cl_scale import distributed as dist_utils  # noqa: E402
-from cl_scale.cli import strip_local_rank  # noqa: E402
+from cl_scale import checkpoint
+from cl_scale import distributed as dist_utils
+from cl_scale.cli import strip_local_rank
 
 
 def main(argv: list[str]) -> None:
