@@ -32,12 +32,19 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
 WALL_FILE = "bench_wall.json"
 
 
-def _finished(run_dir: Path) -> bool:
+def _finished(run_dir: Path, recipe) -> bool:
+    """Whether `run_dir` holds a complete run of `recipe` (a finished run of another recipe is an error)."""
+    from cl_scale.errors import CLScaleError
+    from cl_scale.recipe import diff_recipes, recipe_to_dict
     from cl_scale.rundir import open_run
 
     if not (run_dir / "manifest.json").is_file():
         return False
     run = open_run(run_dir)
+    changes = diff_recipes(run.recipe_dict(), recipe_to_dict(recipe))
+    if changes:
+        raise CLScaleError(f"{run_dir} was trained with another recipe: {'; '.join(changes)}",
+                           "use another --out, or delete that run directory")
     return len(run.finished_stages()) == len(run.tasks)
 
 
@@ -50,7 +57,7 @@ def _run_config(name: str, overrides: list[str], out: Path) -> tuple[Path, float
     run_dir = out / recipe.name
     wall_file = run_dir / WALL_FILE
     spent = json.loads(wall_file.read_text())["wall_s"] if wall_file.is_file() else 0.0
-    if _finished(run_dir):
+    if _finished(run_dir, recipe):
         return run_dir, spent
     start = time.perf_counter()
     try:
@@ -98,4 +105,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from cl_scale.errors import CLScaleError
+
+    try:
+        main()
+    except CLScaleError as err:
+        raise SystemExit(f"error: {err}") from None
