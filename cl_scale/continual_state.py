@@ -25,6 +25,7 @@ from torch import nn
 
 from cl_scale import distributed as dist_utils
 from cl_scale.errors import CLScaleError
+from cl_scale.rundir import METHOD_STATE, RECIPE_YAML, SNAPSHOT
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -33,10 +34,6 @@ if TYPE_CHECKING:
     from cl_scale.modeling.wrapper import ContinualModel
     from cl_scale.recipe import Recipe
     from cl_scale.rundir import RunDir
-
-SNAPSHOT = "snapshot.safetensors"
-METHOD_STATE = "method.safetensors"
-
 
 @dataclass
 class ContinualState:
@@ -52,9 +49,7 @@ class ContinualState:
 
 def resolve_stage(run: RunDir, stage: int | None) -> int:
     """The 0-based index of 1-based `stage` (default: the last of the stages finished in order), checked."""
-    from cl_scale.evaluation.cells import finished_prefix
-
-    finished = finished_prefix(run)
+    finished = run.finished_prefix()
     if finished == 0:
         raise CLScaleError(
             f"{run.path} has no finished stage",
@@ -75,7 +70,7 @@ def open_run_recipe(run_dir: str | Path) -> tuple[RunDir, Recipe]:
     from cl_scale.rundir import open_run
 
     run = open_run(Path(run_dir))
-    return run, load_recipe(run.path / "recipe.yaml")
+    return run, load_recipe(run.path / RECIPE_YAML)
 
 
 def build_state(recipe: Recipe, ds_config: dict[str, Any] | None, num_tasks: int) -> ContinualState:

@@ -24,13 +24,13 @@ def _run_method(recipe_path: Path, method: str, out_dir: Path, console: Console)
     """Train (or reuse / resume) the demo run of one method; returns its label and run directory."""
     from cl_scale.methods import method_class
     from cl_scale.recipe import load_recipe
-    from cl_scale.rundir import open_run
+    from cl_scale.rundir import MANIFEST_JSON, open_run
     from cl_scale.trainer import run_training
 
     recipe = load_recipe(recipe_path, [f"method.name={method}", f"name=demo-{method}", f"output.dir={out_dir}"])
     run_dir = out_dir / recipe.name
     label = method_class(method).label(recipe.method)
-    resume = (run_dir / "manifest.json").is_file()
+    resume = (run_dir / MANIFEST_JSON).is_file()
     if resume and len(open_run(run_dir).finished_stages()) == len(open_run(run_dir).tasks):
         console.print(f"[green]reusing[/] the finished {label} run in {run_dir}")
         return label, run_dir

@@ -19,6 +19,7 @@ that resume would trust, and resume restarts at the first stage the manifest doe
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,33 @@ from cl_scale import atomic
 from cl_scale.errors import CLScaleError, read_json
 
 FORMAT = "cl-scale-run/1"
+RECIPE_YAML = "recipe.yaml"
+MANIFEST_JSON = "manifest.json"
+STAGES = "stages"
+PARTIAL_PREFIX = ".partial-"
+"""A stage folder being assembled: `stages/.partial-<k>-<task>/`."""
+SNAPSHOT = "snapshot.safetensors"
+"""Branch and gate values of a stage, under the names `branch_tensor_name` gives and `gates.<name>`."""
+METHOD_STATE = "method.safetensors"
+SCORES_JSON = "scores.json"
+PREDICTIONS = "predictions"
 TRAIN_LOG = "train_log.jsonl"
 """Per-step records of a stage: in its stage folder once committed, in its in_progress folder before."""
 IN_PROGRESS = "in_progress"
+
+
+_BRANCH_TENSOR = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])_(?P<index>\d+)$")
+
+
+def branch_tensor_name(module: str, part: str, index: int) -> str:
+    """Snapshot name of branch `index`'s `part` ("A" or "B") on target layer `module`."""
+    return f"{module}.lora_{part}_{index}"
+
+
+def parse_branch_tensor_name(name: str) -> tuple[str, str, int] | None:
+    """(module, part, index) of a snapshot name `branch_tensor_name` gave; None for any other tensor."""
+    match = _BRANCH_TENSOR.match(name)
+    return None if match is None else (match["module"], match["part"], int(match["index"]))
 
 
 def stage_name(index: int, task: str) -> str:
@@ -53,8 +78,16 @@ class RunDir:
         """0-based indices of stages whose snapshot is complete."""
         return [entry["index"] for entry in self.manifest["stages"]]
 
+    def finished_prefix(self) -> int:
+        """Number of stages finished in order from the first (the stages a matrix can cover)."""
+        finished = set(self.finished_stages())
+        count = 0
+        while count in finished:
+            count += 1
+        return count
+
     def stage_dir(self, index: int) -> Path:
-        return self.path / "stages" / stage_name(index, self.tasks[index])
+        return self.path / STAGES / stage_name(index, self.tasks[index])
 
     def in_progress_dir(self, index: int) -> Path:
         """Where stage `index` keeps what it writes while it trains (the live step log)."""
@@ -64,12 +97,12 @@ class RunDir:
         """The resolved recipe stored in the run."""
         import yaml
 
-        return yaml.safe_load((self.path / "recipe.yaml").read_text())
+        return yaml.safe_load((self.path / RECIPE_YAML).read_text())
 
     def commit_stage(self, index: int, write: Any, record: dict[str, Any]) -> Path:
         """Build stage `index` with `write(partial_dir)`, move it into place, record it in the manifest."""
         final = self.stage_dir(index)
-        partial = final.parent / f".partial-{final.name}"
+        partial = final.parent / f"{PARTIAL_PREFIX}{final.name}"
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
@@ -88,11 +121,11 @@ class RunDir:
         return final
 
     def save_manifest(self) -> None:
-        atomic.write_json(self.path / "manifest.json", self.manifest)
+        atomic.write_json(self.path / MANIFEST_JSON, self.manifest)
 
     def discard_unfinished(self) -> None:
         """Remove partial stage folders and stage folders the manifest does not list."""
-        stages = self.path / "stages"
+        stages = self.path / STAGES
         if not stages.is_dir():
             return
         finished = {stage_name(i, self.tasks[i]) for i in self.finished_stages()}
@@ -103,7 +136,7 @@ class RunDir:
 
 def open_run(path: Path) -> RunDir:
     """Open an existing run directory, or explain why it is not one."""
-    manifest_path = path / "manifest.json"
+    manifest_path = path / MANIFEST_JSON
     if not path.is_dir():
         raise CLScaleError(f"run directory {path} does not exist", "check the path (runs are under output.dir)")
     if not manifest_path.is_file():
@@ -117,7 +150,7 @@ def open_run(path: Path) -> RunDir:
             f"{path} is not a cl-scale run directory (manifest format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r})",
             "point to a folder made by `cl-scale train`",
         )
-    if not (path / "recipe.yaml").is_file():
+    if not (path / RECIPE_YAML).is_file():
         raise CLScaleError(f"{path} has a manifest but no recipe.yaml", "the run directory is damaged; start a new run")
     return RunDir(path, manifest)
 
@@ -125,7 +158,7 @@ def open_run(path: Path) -> RunDir:
 def create_run(path: Path, recipe_yaml: str, manifest: dict[str, Any]) -> RunDir:
     """Create a fresh run directory; refuses to touch a non-empty folder."""
     if path.exists() and any(path.iterdir()):
-        if (path / "manifest.json").is_file():
+        if (path / MANIFEST_JSON).is_file():
             raise CLScaleError(
                 f"run directory {path} already exists",
                 "add --resume to continue it, or choose another name (--set name=...) or --run-dir",
@@ -135,7 +168,7 @@ def create_run(path: Path, recipe_yaml: str, manifest: dict[str, Any]) -> RunDir
             "choose another name (--set name=...) or --run-dir",
         )
     path.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(path / "recipe.yaml", recipe_yaml)
+    atomic.write_text(path / RECIPE_YAML, recipe_yaml)
     run = RunDir(path, {"format": FORMAT, **manifest, "stages": []})
     run.save_manifest()
     return run

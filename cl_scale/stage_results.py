@@ -1,8 +1,8 @@
-"""The cells of a run's accuracy matrix as files: which are missing, whether the stored ones are whole, saving new ones.
+"""A run's accuracy matrix as files: each evaluated stage's scores.json and predictions, read and written.
 
 A cell R[i][j] is stored when stage i's scores.json has task j AND its predictions/<task>.jsonl exists
 (predictions are written first, the score last, so a crash between the two leaves a cell that is simply
-evaluated again).
+evaluated again). The names are cl_scale.rundir's.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from typing import Any
 
 from cl_scale import atomic
 from cl_scale.errors import CLScaleError
-from cl_scale.evaluation.stage_scores import SCORES_JSON, read_stage_scores
-
-PREDICTIONS = "predictions"
+from cl_scale.rundir import PREDICTIONS, SCORES_JSON, RunDir
 
 
 def predictions_path(stage_dir: Path, task: str) -> Path:
@@ -23,16 +21,29 @@ def predictions_path(stage_dir: Path, task: str) -> Path:
     return stage_dir / PREDICTIONS / f"{task}.jsonl"
 
 
-def finished_prefix(run: Any) -> int:
-    """Number of stages finished in order from the first (the stages a matrix can cover)."""
-    finished = set(run.finished_stages())
-    count = 0
-    while count in finished:
-        count += 1
-    return count
+def read_stage_scores(run: RunDir, index: int) -> dict[str, float]:
+    """Scores {task: score} stored for stage `index` (empty when it was not evaluated)."""
+    path = run.stage_dir(index) / SCORES_JSON
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return {task: float(entry["score"]) for task, entry in data.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise CLScaleError(f"{path} is corrupted ({err})", f"delete it and run `cl-scale eval {run.path}`") from err
 
 
-def missing_cells(run: Any, stages: int) -> dict[int, list[str]]:
+def run_matrix(run: RunDir, stages: int) -> list[list[float | None]]:
+    """R[i][j] for the first `stages` stages and tasks (None where a cell was not evaluated)."""
+    tasks = run.tasks[:stages]
+    matrix = []
+    for i in range(stages):
+        scores = read_stage_scores(run, i) if i in run.finished_stages() else {}
+        matrix.append([scores.get(task) if j <= i else None for j, task in enumerate(tasks)])
+    return matrix
+
+
+def missing_cells(run: RunDir, stages: int) -> dict[int, list[str]]:
     """{stage index: tasks seen by then whose cell is not stored}, over the first `stages` stages."""
     missing = {}
     for index in range(stages):
@@ -61,7 +72,7 @@ def _count_predictions(path: Path) -> int:
     return len(lines)
 
 
-def check_stored_predictions(run: Any, stages: int, test_sizes: dict[str, int]) -> None:
+def check_stored_predictions(run: RunDir, stages: int, test_sizes: dict[str, int]) -> None:
     """Fail on the first stored cell whose predictions file does not hold one line per test example."""
     for index in range(stages):
         stage_dir = run.stage_dir(index)

@@ -422,8 +422,8 @@ def _commit_stage(
     from safetensors.torch import save_file
 
     from cl_scale import atomic
-    from cl_scale.continual_state import METHOD_STATE, SNAPSHOT
-    from cl_scale.evaluation.cells import write_stage_results
+    from cl_scale.rundir import METHOD_STATE, SNAPSHOT
+    from cl_scale.stage_results import write_stage_results
 
     method_state = {k: v.detach().cpu().contiguous() for k, v in session.method.state_tensors().items()}
 
@@ -451,7 +451,7 @@ def _print_matrix(session: Session) -> None:
     """Rank 0: the matrix so far as a table, and its files when the newest row is complete."""
     from cl_scale.evaluation.metrics import compute_metrics
     from cl_scale.evaluation.report import matrix_table, write_matrix_files
-    from cl_scale.evaluation.stage_scores import run_matrix
+    from cl_scale.stage_results import run_matrix
 
     if not dist_utils.is_main():
         return

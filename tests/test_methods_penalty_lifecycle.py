@@ -10,7 +10,8 @@ import torch
 from methods_fixtures import built
 from safetensors.torch import save_file
 
-from cl_scale.continual_state import METHOD_STATE, SNAPSHOT, restore_stage, stage_generator
+from cl_scale.continual_state import restore_stage, stage_generator
+from cl_scale.rundir import METHOD_STATE, SNAPSHOT
 
 PENALISED = ["olora", "nlora"]
 

@@ -1,14 +1,13 @@
 """A run's diagnostics: N-LoRA's branch numbers from the last snapshot, GainLoRA's gate matrix, diagnostics.json.
 
 The branch numbers need only the snapshot file (no model), since every branch of the last stage is stored
-as `<module path>.lora_A_<i>` / `lora_B_<i>`. A run with one branch (SeqLoRA, or a single finished stage)
+under the names cl_scale.rundir.branch_tensor_name gives. A run with one branch (SeqLoRA, or a single finished stage)
 has no pair of tasks, so it gets none.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,9 @@ import torch
 from cl_scale import atomic
 from cl_scale.errors import CLScaleError
 from cl_scale.evaluation.diagnostics import BranchDiagnostics, Branches, branch_diagnostics
+from cl_scale.rundir import parse_branch_tensor_name
 
 DIAGNOSTICS_JSON = "diagnostics.json"
-_BRANCH = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])_(?P<index>\d+)$")
 
 
 def _mismatch(path: Path, what: str) -> CLScaleError:
@@ -40,9 +39,10 @@ def snapshot_branches(path: Path, rank: int) -> Branches:
         raise CLScaleError(f"stage snapshot {path} cannot be read ({err})", "the stage is damaged; retrain it") from err
     parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for name, tensor in tensors.items():
-        match = _BRANCH.match(name)
-        if match:
-            parts.setdefault(match["module"], {}).setdefault(int(match["index"]), {})[match["part"]] = tensor
+        parsed = parse_branch_tensor_name(name)
+        if parsed is not None:
+            module, part, index = parsed
+            parts.setdefault(module, {}).setdefault(index, {})[part] = tensor
     branches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for module, by_index in parts.items():
         if sorted(by_index) != list(range(len(by_index))) or any(len(p) != 2 for p in by_index.values()):

@@ -63,7 +63,7 @@ def _cache_dir() -> Path:
 def _plan(run: Any, recipe: Any, stages: int) -> dict[int, list[str]]:
     """Check the stored predictions against the test sets, then list the cells to evaluate."""
     from cl_scale.data.tasks import load_task
-    from cl_scale.evaluation.cells import check_stored_predictions, missing_cells
+    from cl_scale.stage_results import check_stored_predictions, missing_cells
 
     seed = recipe.train.seed
     sizes = {task: len(load_task(recipe.data, task, "test", seed=seed)) for task in run.tasks[:stages]}
@@ -107,7 +107,7 @@ def _evaluate_stage(
 
 def _diagnostics(run: Any, recipe: Any, stages: int, gates: list[list[float]] | None) -> dict[str, Any]:
     """diagnostics.json: branch numbers of the last finished stage (None with one branch) and the gate matrix."""
-    from cl_scale.continual_state import SNAPSHOT
+    from cl_scale.rundir import SNAPSHOT
     from cl_scale.evaluation.run_diagnostics import run_branch_diagnostics
 
     branches = run_branch_diagnostics(run.stage_dir(stages - 1) / SNAPSHOT, recipe.method)
@@ -127,7 +127,7 @@ def _finish(
     from cl_scale.evaluation.metrics import compute_metrics
     from cl_scale.evaluation.report import write_matrix_files
     from cl_scale.evaluation.run_diagnostics import write_diagnostics
-    from cl_scale.evaluation.stage_scores import run_matrix
+    from cl_scale.stage_results import run_matrix
 
     tasks = run.tasks[:stages]
     matrix = run_matrix(run, stages)
@@ -155,10 +155,10 @@ def _progress_bar(console: Any, total: int) -> Any:
 
 def _evaluate(run: Any, recipe: Any, max_examples: int | None, console: Any) -> RunReport:
     """Fill the missing cells of one run (collective) and return its report (the same on every rank)."""
-    from cl_scale.evaluation.cells import finished_prefix, write_stage_results
+    from cl_scale.stage_results import write_stage_results
     from cl_scale.evaluation.run_diagnostics import read_diagnostics
 
-    stages = finished_prefix(run)
+    stages = run.finished_prefix()
     if stages == 0:
         raise CLScaleError(
             f"{run.path} has no finished stage to evaluate",

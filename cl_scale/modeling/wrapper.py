@@ -20,6 +20,7 @@ from cl_scale.modeling.branched_linear import BranchedLinear
 from cl_scale.modeling.context import BranchContext
 from cl_scale.modeling.gates import GateBank
 from cl_scale.modeling.inject import ModelKind, inject_branches
+from cl_scale.rundir import branch_tensor_name
 
 IGNORE_INDEX = -100
 """Label value Hugging Face losses skip (padding and, for decoder-only models, the prompt)."""
@@ -176,8 +177,8 @@ class ContinualModel(nn.Module):
         params: dict[str, nn.Parameter] = {}
         for path, layer in self.branched.items():
             for index, (a, b) in enumerate(layer.branches()):
-                params[f"{path}.lora_A_{index}"] = a
-                params[f"{path}.lora_B_{index}"] = b
+                params[branch_tensor_name(path, "A", index)] = a
+                params[branch_tensor_name(path, "B", index)] = b
         if self.gates is not None:
             params.update({f"gates.{name}": param for name, param in self.gates.named_parameters()})
         return params
