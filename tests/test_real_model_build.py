@@ -31,3 +31,10 @@ def test_build_with_a_bad_wheel_leaves_no_folder(tmp_path: Path, monkeypatch: py
 def test_a_folder_of_another_shape_is_rejected(tiny_llama_dir: Path) -> None:
     with pytest.raises(CLScaleError, match="not the expected SmolLM2"):
         real_model.check_folder(tiny_llama_dir)
+
+
+def test_the_real_model_recipe_names_the_hub_id() -> None:
+    from cl_scale.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "smollm2_long4.yaml")
+    assert recipe.model.path == real_model.HUB_ID
