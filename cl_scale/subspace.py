@@ -1,6 +1,6 @@
 """Subspace memory shared by InfLoRA and GainLoRA: second moments, GPM extension, projectors.
 
-Everything here is the math of ALGORITHMS.md "Subspace memory" and nothing else, so the methods only
+Everything here is the math of docs/methods.md "Subspace memory" and nothing else, so the methods only
 say *which* statistic feeds *which* basis.
 
 - Statistics: `SecondMoment` sums `z z^T` over real (unpadded) positions; collectors attach it to
@@ -209,7 +209,7 @@ def _complement(u: torch.Tensor) -> torch.Tensor:
 
 
 def threshold_at(threshold: float, task_index: int, num_tasks: int) -> float:
-    """eps_t = eps + (1 - eps) t / T for the 0-based task index t (ALGORITHMS' (t - 1) / T, 1-based)."""
+    """eps_t = eps + (1 - eps) t / T for the 0-based task index t."""
     return threshold + (1.0 - threshold) * task_index / num_tasks
 
 

@@ -230,7 +230,7 @@ def test_with_a_full_basis_the_new_gate_ignores_old_inputs() -> None:
 
 
 def test_with_the_default_threshold_the_drift_on_old_inputs_stays_bounded() -> None:
-    """Threshold 0.995 (squared energy, first-task rule of ALGORITHMS.md): on this tiny model the
+    """Threshold 0.995 (squared energy, first-task rule of docs/methods.md): on this tiny model the
     hidden and output bases keep a single direction each (the uncentred moments of SiLU activations
     are dominated by their mean), so the protection is partial.
 

@@ -1,4 +1,4 @@
-"""Every method grows and trains exactly what ALGORITHMS.md says; the registry builds them by name."""
+"""Every method grows and trains exactly what docs/methods.md says; the registry builds them by name."""
 
 from __future__ import annotations
 

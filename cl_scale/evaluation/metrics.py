@@ -1,4 +1,4 @@
-"""Continual-learning metrics computed from the accuracy matrix R (see ALGORITHMS.md, Metrics).
+"""Continual-learning metrics computed from the accuracy matrix R (see docs/methods.md, Metrics).
 
 `R[i][j]` is the score on task `j`'s test set after training stage `i` (both 0-based here). A cell that was
 not evaluated is None; cells above the diagonal (tasks not yet trained) normally are. Every score is a
