@@ -45,50 +45,86 @@ some inputs of frozen matmuls need not be kept, so this errs high. fp32 doubles 
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """The shape of a public model, enough to rebuild its config without the Hub."""
+    """The shape of a public model, enough to rebuild its config without the Hub.
 
-    family: Literal["llama", "t5"]
+    `extra` holds the family-specific config values that change the architecture or its numerics
+    (rope scaling, head width, tied embeddings, context length); the rest are the config class defaults,
+    which match the published models.
+    """
+
+    family: Literal["llama", "qwen2", "mistral", "gemma2", "phi3", "t5"]
     hidden: int
     layers: int
     heads: int
     kv_heads: int
     intermediate: int
     vocab: int
+    extra: tuple[tuple[str, Any], ...] = ()
 
     def config(self) -> PretrainedConfig:
-        """A transformers config with these facts (defaults elsewhere match the published models)."""
-        if self.family == "llama":
-            from transformers import LlamaConfig
+        """A transformers config with these facts."""
+        if self.family == "t5":
+            from transformers import T5Config
 
-            return LlamaConfig(
-                hidden_size=self.hidden,
-                num_hidden_layers=self.layers,
-                num_attention_heads=self.heads,
-                num_key_value_heads=self.kv_heads,
-                intermediate_size=self.intermediate,
+            return T5Config(
+                d_model=self.hidden,
+                d_kv=self.hidden // self.heads,
+                d_ff=self.intermediate,
+                num_layers=self.layers,
+                num_decoder_layers=self.layers,
+                num_heads=self.heads,
                 vocab_size=self.vocab,
-                max_position_embeddings=4096,  # both Llama-2 sizes; transformers' defaults are 2048 / 1e-6
-                rms_norm_eps=1e-5,
-                tie_word_embeddings=False,
             )
-        from transformers import T5Config
+        import transformers
 
-        return T5Config(
-            d_model=self.hidden,
-            d_kv=self.hidden // self.heads,
-            d_ff=self.intermediate,
-            num_layers=self.layers,
-            num_decoder_layers=self.layers,
-            num_heads=self.heads,
+        classes = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "MistralConfig",
+                   "gemma2": "Gemma2Config", "phi3": "Phi3Config"}
+        config_class = getattr(transformers, classes[self.family])
+        return config_class(
+            hidden_size=self.hidden,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            intermediate_size=self.intermediate,
             vocab_size=self.vocab,
+            **dict(self.extra),
         )
 
 
-# From the models' config.json on the Hugging Face Hub. Llama-2-7B/13B have no grouped-query attention.
+# From the models' config.json on the Hugging Face Hub. Llama-2-7B/13B have no grouped-query attention
+# (both: 4096 positions, rms eps 1e-5, where transformers' defaults are 2048 / 1e-6).
+_LLAMA2 = (("max_position_embeddings", 4096), ("rms_norm_eps", 1e-5), ("tie_word_embeddings", False))
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
 PUBLIC_MODELS: dict[str, ModelFacts] = {
-    "meta-llama/Llama-2-7b-hf": ModelFacts("llama", 4096, 32, 32, 32, 11008, 32000),
-    "meta-llama/Llama-2-13b-hf": ModelFacts("llama", 5120, 40, 40, 40, 13824, 32000),
+    "meta-llama/Llama-2-7b-hf": ModelFacts("llama", 4096, 32, 32, 32, 11008, 32000, _LLAMA2),
+    "meta-llama/Llama-2-13b-hf": ModelFacts("llama", 5120, 40, 40, 40, 13824, 32000, _LLAMA2),
     "google-t5/t5-large": ModelFacts("t5", 1024, 24, 16, 16, 4096, 32128),
+    # GQA 32/8, a 128,256 vocabulary, "llama3" rope scaling to 131,072 positions; no pad token.
+    "meta-llama/Llama-3.1-8B": ModelFacts("llama", 4096, 32, 32, 8, 14336, 128256, (
+        ("max_position_embeddings", 131072), ("rms_norm_eps", 1e-5), ("tie_word_embeddings", False),
+        ("rope_parameters", _LLAMA31_ROPE), ("bos_token_id", 128000), ("eos_token_id", 128001),
+    )),
+    # Biases on q, k and v (Qwen2's attention always has them), GQA 28/4.
+    "Qwen/Qwen2.5-7B": ModelFacts("qwen2", 3584, 28, 28, 4, 18944, 152064, (
+        ("max_position_embeddings", 131072), ("rms_norm_eps", 1e-6), ("tie_word_embeddings", False),
+        ("rope_parameters", {"rope_type": "default", "rope_theta": 1000000.0}),
+    )),
+    "mistralai/Mistral-7B-v0.3": ModelFacts("mistral", 4096, 32, 32, 8, 14336, 32768, (
+        ("max_position_embeddings", 32768), ("rms_norm_eps", 1e-5), ("tie_word_embeddings", False),
+        ("sliding_window", None), ("rope_parameters", {"rope_type": "default", "rope_theta": 1000000.0}),
+    )),
+    # Heads 256 wide (16 x 256 = 4096 != hidden 3584), tied embeddings; the embedding output is scaled by
+    # sqrt(hidden) inside the model, after the lookup (see docs: what the gate reads).
+    "google/gemma-2-9b": ModelFacts("gemma2", 3584, 42, 16, 8, 14336, 256000, (
+        ("head_dim", 256), ("max_position_embeddings", 8192), ("tie_word_embeddings", True),
+        ("query_pre_attn_scalar", 256),
+    )),
+    # Fused qkv_proj (3072 -> 9216) and gate_up_proj; no GQA.
+    "microsoft/Phi-3-mini-4k-instruct": ModelFacts("phi3", 3072, 32, 32, 32, 8192, 32064, (
+        ("max_position_embeddings", 4096), ("original_max_position_embeddings", 4096), ("rms_norm_eps", 1e-5),
+        ("tie_word_embeddings", False), ("pad_token_id", 32000), ("bos_token_id", 1), ("eos_token_id", 32000),
+    )),
 }
 
 
@@ -205,7 +241,7 @@ def load_architecture(recipe: Recipe) -> tuple[Architecture | None, str]:
             model = factory.from_config(config)
     except (ValueError, KeyError) as err:
         return None, f"cannot build a {kind} model from {source}: {err}"
-    names = set(recipe.model.target_modules or default_targets(kind))
+    names = set(recipe.model.target_modules or default_targets(kind, getattr(config, "model_type", None)))
     targets = tuple(
         Target(name, module.in_features, module.out_features)
         for name, module in model.named_modules()

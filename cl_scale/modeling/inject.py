@@ -18,17 +18,22 @@ from cl_scale.modeling.context import BranchContext
 ModelKind = Literal["causal", "seq2seq"]
 
 _DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {"causal": ("q_proj", "v_proj"), "seq2seq": ("q", "v")}
+_FAMILY_TARGETS: dict[str, tuple[str, ...]] = {"phi3": ("qkv_proj",)}
+"""Families whose query and value projections are not separate layers. Phi-3 fuses q, k and v into one
+linear layer, so its branch also adapts the keys: one rank-r update of [q; k; v], not rank-r updates of q
+and of v (docs/models.md)."""
 
 _CROSS_ATTENTION = "EncDecAttention"
 _ENCODER_READING = ("k", "v")
 """Projections of T5 cross-attention that read the encoder output rather than the decoder states."""
 
 
-def default_targets(kind: ModelKind) -> list[str]:
-    """The attention query and value projections: the published target modules for `kind`."""
+def default_targets(kind: ModelKind, model_type: str | None = None) -> list[str]:
+    """The attention query and value projections: the published target modules for `kind`, or the fused
+    projection holding them for a family that has one (`model_type` as in the model's config)."""
     if kind not in _DEFAULT_TARGETS:
         raise CLScaleError(f"unknown model kind {kind!r}", f"use one of {sorted(_DEFAULT_TARGETS)}")
-    return list(_DEFAULT_TARGETS[kind])
+    return list(_FAMILY_TARGETS.get(model_type or "", _DEFAULT_TARGETS[kind]))
 
 
 def stream_of(kind: ModelKind, path: str) -> str:
@@ -62,7 +67,7 @@ def inject_branches(
     context: BranchContext,
 ) -> dict[str, BranchedLinear]:
     """Wrap every `nn.Linear` whose last name component is a target; returns the wrappers by module path."""
-    defaults = default_targets(kind)  # also rejects an unknown kind
+    defaults = default_targets(kind, getattr(getattr(model, "config", None), "model_type", None))  # rejects bad kinds
     targets = set(defaults if target_modules is None else target_modules)
     linears = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     chosen = [name for name in linears if name.rsplit(".", 1)[-1] in targets]
