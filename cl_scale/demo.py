@@ -15,8 +15,10 @@ from rich.console import Console
 from rich.table import Table
 
 from cl_scale.errors import CLScaleError
+from cl_scale.shipped import shipped_file
 
-DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
+DEMO_RECIPE = shipped_file("recipes/demo.yaml") or Path("recipes/demo.yaml")
+"""The shipped demo recipe (the relative path only when cl-scale ships none, which run_demo reports)."""
 DEFAULT_METHODS = ("seqlora", "gainlora")
 
 
@@ -46,7 +48,9 @@ def run_demo(methods: Sequence[str] = DEFAULT_METHODS, out_dir: Path = Path("run
     from cl_scale.evaluation.report import read_matrix, write_heatmaps_side_by_side
 
     if not recipe_path.is_file():
-        raise CLScaleError(f"demo recipe {recipe_path} not found", "run the demo from a cl-scale checkout")
+        raise CLScaleError(
+            f"demo recipe {recipe_path} not found", "reinstall cl-scale: its package lacks the shipped recipes"
+        )
     from cl_scale import distributed
 
     console = Console()

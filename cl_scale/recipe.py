@@ -30,6 +30,7 @@ from cl_scale.data.orders import ORDERS
 from cl_scale.errors import CLScaleError
 from cl_scale.methods import BRANCH_NAMES, METHOD_NAMES
 from cl_scale.modeling.builtin_specs import BUILTIN_PREFIX, BUILTINS
+from cl_scale.shipped import shipped_file
 
 Key = tuple[str | int, ...]
 
@@ -249,15 +250,15 @@ class DeepSpeedConfig(_Section):
     """Engine checkpoint every this many optimizer steps inside a task, for --resume within it (0: off)."""
 
     def config_path(self) -> Path:
-        """The config file: as given if it exists (absolute or from the cwd), else under the repo root."""
+        """The config file: as given if it exists (absolute or from the cwd), else the one cl-scale ships."""
         given = Path(self.config).expanduser()
         if given.is_file():
             return given
-        shipped = Path(__file__).resolve().parent.parent / given
-        if not given.is_absolute() and shipped.is_file():
+        shipped = None if given.is_absolute() else shipped_file(given)
+        if shipped is not None:
             return shipped
         raise CLScaleError(
-            f"DeepSpeed config `{self.config}` not found (looked in the current directory and {shipped.parent})",
+            f"DeepSpeed config `{self.config}` not found (looked in the current directory and cl-scale's ds_configs)",
             "set `deepspeed.config` to an existing JSON file, e.g. ds_configs/zero3.json",
         )
 

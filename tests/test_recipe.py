@@ -310,9 +310,9 @@ def test_deepspeed_config_is_found_in_the_working_directory(tmp_path: Path, monk
     assert DeepSpeedConfig(config="mine.json").config_path() == Path("mine.json")
 
 
-def test_deepspeed_config_falls_back_to_the_repo_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deepspeed_config_falls_back_to_the_shipped_ds_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert DeepSpeedConfig(config="pyproject.toml").config_path() == REPO / "pyproject.toml"
+    assert DeepSpeedConfig(config="ds_configs/zero2.json").config_path() == REPO / "ds_configs" / "zero2.json"
 
 
 def test_missing_deepspeed_config_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
