@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
                     engine.step()
 
             step()  # warm-up: the first step builds ZeRO's trace
-            checkpoint.save(engine, folder, 0, [])
+            checkpoint.save(engine, folder, 0, [], recipe)
             step_s, save_s = [], []
             for round_ in range(args.rounds):
                 dist_utils.barrier()
@@ -85,7 +85,7 @@ def main(argv: list[str]) -> None:
                 dist_utils.barrier()
                 step_s.append((time.perf_counter() - started) / args.steps)
                 started = time.perf_counter()
-                checkpoint.save(engine, folder, round_ + 1, [{"step": i} for i in range(round_ + 1)])
+                checkpoint.save(engine, folder, round_ + 1, [{"step": i} for i in range(round_ + 1)], recipe)
                 save_s.append(time.perf_counter() - started)
             if dist_utils.is_main():
                 size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

@@ -16,13 +16,16 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import torch
 
 from cl_scale import atomic
 from cl_scale import distributed as dist_utils
 from cl_scale.errors import read_json
+
+if TYPE_CHECKING:
+    from cl_scale.recipe import Recipe
 
 CHECKPOINT_DIR = "checkpoint"
 COMPLETE = "complete.json"
@@ -52,8 +55,16 @@ def _tags(root: Path) -> list[Path]:
     return [entry for entry in root.iterdir() if entry.is_dir()]
 
 
-def newest_complete(root: Path) -> Resumable | None:
-    """Rank 0: the newest complete checkpoint under `root`, after removing the incomplete ones."""
+def layout(recipe: Recipe) -> dict[str, int]:
+    """What a checkpoint's partitions and data position depend on besides the recipe's seed: a launch with
+    another world size or batch layout cannot go on from it (it restarts the stage instead)."""
+    return {"world_size": dist_utils.world_size(), "global_batch": recipe.train.global_batch,
+            "per_device_batch": recipe.train.per_device_batch}
+
+
+def newest_complete(root: Path, expected: dict[str, int]) -> Resumable | None:
+    """Rank 0: the newest complete checkpoint under `root` written with the `expected` layout, after removing
+    the incomplete ones."""
     if not root.is_dir():
         return None
     best = None
@@ -63,11 +74,12 @@ def newest_complete(root: Path) -> Resumable | None:
             shutil.rmtree(entry, ignore_errors=True)
             continue
         meta = read_json(marker, fix=f"remove {entry} to restart the stage from its first step")
-        best = Resumable(root, entry.name, int(meta["step"]), list(meta["log"]))
+        if meta.get("layout") == expected:
+            best = Resumable(root, entry.name, int(meta["step"]), list(meta["log"]))
     return best
 
 
-def save(engine: Any, root: Path, step: int, log: list[dict[str, Any]]) -> None:
+def save(engine: Any, root: Path, step: int, log: list[dict[str, Any]], recipe: Recipe) -> None:
     """Write the engine checkpoint of `step` on every rank, then mark it complete and drop older ones. Collective."""
     tag = _tag(step)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
@@ -77,7 +89,7 @@ def save(engine: Any, root: Path, step: int, log: list[dict[str, Any]]) -> None:
     atomic.write_with(root / tag / _rng_file(dist_utils.rank()), lambda p: torch.save(state, p))
     dist_utils.barrier()
     if dist_utils.is_main():
-        atomic.write_json(root / tag / COMPLETE, {"step": step, "log": log})
+        atomic.write_json(root / tag / COMPLETE, {"step": step, "layout": layout(recipe), "log": log})
         for entry in _tags(root):
             if entry.name != tag:
                 shutil.rmtree(entry, ignore_errors=True)

@@ -146,7 +146,7 @@ def _open_run_dir(recipe: Any, path: Path, tasks: list[str], *, resume: bool, al
                 "resume with the original recipe, or pass --allow-changed-recipe if the change is intended",
             )
         run.discard_unfinished()
-        resumed = {**session, "recipe_changes": changes, "resumed_from": _resume_point(run)}
+        resumed = {**session, "recipe_changes": changes, "resumed_from": _resume_point(run, recipe)}
         run.manifest.setdefault("sessions", []).append(resumed)
         run.save_manifest()
         return run.manifest
@@ -155,14 +155,16 @@ def _open_run_dir(recipe: Any, path: Path, tasks: list[str], *, resume: bool, al
     return rundir.RunDir(path, dist_utils.run_on_main(open_or_create))
 
 
-def _resume_point(run: Any) -> dict[str, Any]:
+def _resume_point(run: Any, recipe: Any) -> dict[str, Any]:
     """Where a resumed session picks up: the first stage not committed (0-based index, as in `stages`),
     its task (None when every stage is done) and the optimizer steps of it already done."""
     finished = set(run.finished_stages())
     index = next((i for i in range(len(run.tasks)) if i not in finished), len(run.tasks))
     if index == len(run.tasks):
         return {"index": index, "task": None, "step": 0}
-    resumable = checkpoint.newest_complete(run.in_progress_dir(index) / checkpoint.CHECKPOINT_DIR)
+    resumable = checkpoint.newest_complete(
+        run.in_progress_dir(index) / checkpoint.CHECKPOINT_DIR, checkpoint.layout(recipe)
+    )
     return {"index": index, "task": run.tasks[index], "step": 0 if resumable is None else resumable.step}
 
 
@@ -298,7 +300,7 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner, train_rows
     from cl_scale.sharding import training_batches
 
     recipe, task = session.recipe, session.tasks[runner.task_index]
-    epochs = recipe.train.epochs_per_task.get(task, recipe.train.epochs)
+    epochs = recipe.train.epochs_for(task)
     world, rank = dist_utils.world_size(), dist_utils.rank()
     plans = [
         training_batches(
@@ -312,7 +314,7 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner, train_rows
     total_steps = sum(len(p) for p in plans) // accumulation
     earlier_steps = sum(s["steps"] for s in session.run.manifest["stages"] if s["index"] < runner.task_index)
     checkpoints = session.run.in_progress_dir(runner.task_index) / checkpoint.CHECKPOINT_DIR
-    resumable = dist_utils.run_on_main(checkpoint.newest_complete, checkpoints)
+    resumable = dist_utils.run_on_main(checkpoint.newest_complete, checkpoints, checkpoint.layout(recipe))
     log: list[dict[str, Any]] = []
     if resumable is not None:
         checkpoint.load(engine, resumable)
@@ -357,7 +359,7 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner, train_rows
             bar.update(len(log), _progress_fields(record, session, runner.task_index, bar))
             stopping = stop.requested()
             if stopping or (every and len(log) % every == 0 and len(log) < total_steps):
-                checkpoint.save(engine, checkpoints, len(log), log)
+                checkpoint.save(engine, checkpoints, len(log), log, recipe)
             if stopping:
                 session.console.print(f"stopped by a signal after step {len(log)}/{total_steps} of {task}: "
                                       f"checkpoint written, --resume goes on from there")
@@ -384,21 +386,10 @@ def _snapshot(session: Session) -> dict[str, torch.Tensor]:
     return {n: v.contiguous() for n, v in zip(names, values)}
 
 
-def _evaluated_stages(recipe: Any, num_tasks: int) -> set[int]:
-    stages = recipe.eval.stages
-    if stages == "all":
-        return set(range(num_tasks))
-    if stages == "final":
-        return {num_tasks - 1}
-    if stages == "none":
-        return set()
-    return {k - 1 for k in stages if k <= num_tasks}
-
-
 def _evaluate_stage(session: Session, engine: Any, index: int) -> dict[str, Any]:
     from cl_scale.evaluation.generation import evaluate_task
 
-    if index not in _evaluated_stages(session.recipe, len(session.tasks)):
+    if index not in session.recipe.eval.evaluated_stages(len(session.tasks)):
         return {}
     results = {}
     seen = session.tasks[: index + 1]
