@@ -568,7 +568,7 @@ def _task_rows(
     for stage, task in enumerate(tasks, start=1):
         examples, task_checks = _train_examples(recipe, task) if have_data else (None, [])
         checks += task_checks
-        epochs = train.epochs_per_task.get(task, train.epochs)
+        epochs = train.epochs_for(task)
         steps = None if examples is None else examples // train.global_batch * epochs
         if steps == 0:
             checks.append(Check("warning", task, f"{examples} examples < global batch {train.global_batch}: no step"))

@@ -232,6 +232,10 @@ class TrainConfig(_Section):
     tensorboard: bool = False
     collective_timeout_s: int = Field(default=600, gt=0)
 
+    def epochs_for(self, task: str) -> int:
+        """Epochs of `task`: its own entry in epochs_per_task, else epochs."""
+        return self.epochs_per_task.get(task, self.epochs)
+
     @field_validator("epochs_per_task")
     @classmethod
     def _positive_epochs(cls, value: dict[str, int]) -> dict[str, int]:
@@ -273,6 +277,16 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(default=50, gt=0)
     batch_size: int = Field(default=16, gt=0)
     stages: Literal["all", "final", "none"] | list[int] = "all"
+
+    def evaluated_stages(self, num_tasks: int) -> set[int]:
+        """0-based indices of the stages evaluated in a run of `num_tasks` tasks."""
+        if self.stages == "all":
+            return set(range(num_tasks))
+        if self.stages == "final":
+            return {num_tasks - 1}
+        if self.stages == "none":
+            return set()
+        return {k - 1 for k in self.stages if k <= num_tasks}
 
     @field_validator("metric", mode="before")
     @classmethod

@@ -386,21 +386,10 @@ def _snapshot(session: Session) -> dict[str, torch.Tensor]:
     return {n: v.contiguous() for n, v in zip(names, values)}
 
 
-def _evaluated_stages(recipe: Any, num_tasks: int) -> set[int]:
-    stages = recipe.eval.stages
-    if stages == "all":
-        return set(range(num_tasks))
-    if stages == "final":
-        return {num_tasks - 1}
-    if stages == "none":
-        return set()
-    return {k - 1 for k in stages if k <= num_tasks}
-
-
 def _evaluate_stage(session: Session, engine: Any, index: int) -> dict[str, Any]:
     from cl_scale.evaluation.generation import evaluate_task
 
-    if index not in _evaluated_stages(session.recipe, len(session.tasks)):
+    if index not in session.recipe.eval.evaluated_stages(len(session.tasks)):
         return {}
     results = {}
     seen = session.tasks[: index + 1]

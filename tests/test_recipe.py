@@ -319,3 +319,15 @@ def test_missing_deepspeed_config_is_a_clear_error(tmp_path: Path, monkeypatch: 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CLScaleError, match="DeepSpeed config `nope.json` not found"):
         DeepSpeedConfig(config="nope.json").config_path()
+
+
+def test_epochs_for_a_task_prefers_its_own_entry(tmp_path: Path) -> None:
+    train = load_recipe(write(tmp_path, MINIMAL), ("train.epochs=2", "train.epochs_per_task={sort: 5}")).train
+    assert (train.epochs_for("sort"), train.epochs_for("first")) == (5, 2)
+
+
+@pytest.mark.parametrize(
+    ("stages", "expected"), [("all", {0, 1, 2}), ("final", {2}), ("none", set()), ("[1, 3, 7]", {0, 2})]
+)
+def test_evaluated_stages_are_zero_based_and_within_the_order(tmp_path: Path, stages: str, expected: set[int]) -> None:
+    assert load_recipe(write(tmp_path, MINIMAL), (f"eval.stages={stages}",)).eval.evaluated_stages(3) == expected
