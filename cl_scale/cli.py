@@ -293,8 +293,10 @@ def export(
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
     shard_mb: Annotated[
-        int, typer.Option("--shard-mb", min=1, help="With --format merged: largest safetensors shard, in MB.")
-    ] = 5000,
+        Optional[int],
+        typer.Option("--shard-mb", min=1, help="With --format merged: largest safetensors shard, in MB (default 500).",
+                     show_default=False),
+    ] = None,
 ) -> None:
     """Write a trained stage as PEFT adapters, merged weights or (GainLoRA) a gated package.
 

@@ -47,8 +47,9 @@ GATES = "gates.safetensors"
 RECIPE = "recipe.yaml"
 ADAPTERS = "adapters"
 TOKENIZER = "tokenizer"
-MAX_SHARD_MB = 5000
-"""Default largest safetensors shard of a merged export, in MB (`--shard-mb`)."""
+MAX_SHARD_MB = 500
+"""Default largest safetensors shard of a merged export, in MB (`--shard-mb`): under the launcher rank 0
+holds the shard it is filling beside its partition, so it is kept small (bench/export_7b_shape.py)."""
 _TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 
 
@@ -280,9 +281,10 @@ def launched_ranks() -> int:
 
 
 def export_cli(
-    run_dir: Path, out: Path, *, stage: int | None, fmt: str, per_task: bool, force: bool, shard_mb: int
+    run_dir: Path, out: Path, *, stage: int | None, fmt: str, per_task: bool, force: bool, shard_mb: int | None
 ) -> None:
     """`cl-scale export`: write the export and say what was written and how to serve it."""
+    shard_mb = MAX_SHARD_MB if shard_mb is None else shard_mb
     import contextlib
     import sys
 

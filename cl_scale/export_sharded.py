@@ -60,8 +60,11 @@ def merged_tensors(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         yield out
 
 
-def write_sharded(model: nn.Module, tokenizer: object, folder: Path, max_shard_bytes: int) -> None:
-    """Write the merged model to `folder` (rank 0) as safetensors shards of at most `max_shard_bytes`."""
+def write_sharded(model: nn.Module, tokenizer: object | None, folder: Path, max_shard_bytes: int) -> None:
+    """Write the merged model to `folder` (rank 0) as safetensors shards of at most `max_shard_bytes`.
+
+    `tokenizer` is saved beside it (None: weights and configs only, as the memory benchmark writes).
+    """
     from safetensors.torch import save_file
 
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -97,7 +100,8 @@ def write_sharded(model: nn.Module, tokenizer: object, folder: Path, max_shard_b
         (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     model.base.config.save_pretrained(folder)
     model.base.generation_config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def export_merged_sharded(
