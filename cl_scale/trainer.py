@@ -27,10 +27,9 @@ from cl_scale.errors import CLScaleError, StopRequested
 from cl_scale.progress import ReportedBatches, Reporter
 from cl_scale.rundir import TRAIN_LOG
 from cl_scale.stage_runner import ShardBatches, StageRunner
+from cl_scale.tracking import Tracker, engine_config, open_tracker
 from cl_scale.training_log import (
     LiveStepLog,
-    TensorBoard,
-    open_tensorboard,
     require_tensorboard,
     resident_memory_mb,
     step_record,
@@ -52,7 +51,7 @@ class Session:
     ds_config: dict[str, Any]
     cache_dir: Path
     console: Any
-    tensorboard: TensorBoard | None
+    tracker: Tracker | None
     reporter: Reporter
     planned_steps: list[int | None]
     """Optimizer steps of every stage, for the run's ETA (rank 0; None where unknown)."""
@@ -92,8 +91,8 @@ def run_training(recipe: Any, *, resume: bool, run_dir: str | Path | None, allow
             _final_report(session)
         return path
     finally:
-        if session is not None and session.tensorboard is not None:
-            session.tensorboard.close()
+        if session is not None and session.tracker is not None:
+            session.tracker.close()
 
 
 def _versions() -> dict[str, str]:
@@ -176,6 +175,8 @@ def _start_session(recipe: Any, run: Any, tasks: list[str], ds_config: dict[str,
     from cl_scale.plan import task_steps
 
     console = Console(quiet=not dist_utils.is_main())
+    tracker = open_tracker(recipe, ds_config, run.path)
+    ds_config = engine_config(ds_config)  # the run's tracker owns the monitors, not each stage's engine
     state = build_state(recipe, ds_config, len(tasks))
     if recipe.train.gradient_checkpointing:
         state.model.enable_gradient_checkpointing()
@@ -183,7 +184,7 @@ def _start_session(recipe: Any, run: Any, tasks: list[str], ds_config: dict[str,
     planned = task_steps(recipe, tasks) if dist_utils.is_main() else [None] * len(tasks)
     return Session(recipe=recipe, run=run, tasks=tasks, state=state, ds_config=ds_config,
                    cache_dir=cache_root() / "tokenized", console=console,
-                   tensorboard=open_tensorboard(recipe, run.path), reporter=reporter, planned_steps=planned)
+                   tracker=tracker, reporter=reporter, planned_steps=planned)
 
 
 def _restore(session: Session) -> int:
@@ -255,8 +256,9 @@ def _train_stage(session: Session, index: int) -> None:
     memory = None if rss is None else [round(m, 1) for m in dist_utils.per_rank(rss)]
     session.run.manifest = dist_utils.run_on_main(_commit_stage, session, index, outcome, memory)
     if outcome.results:
-        if session.tensorboard is not None:
-            session.tensorboard.log_scores({t: r.score for t, r in outcome.results.items()}, index + 1)
+        if session.tracker is not None:
+            steps = sum(s["steps"] for s in session.run.manifest["stages"] if s["index"] <= index)
+            session.tracker.log_scores({t: r.score for t, r in outcome.results.items()}, steps)
         _print_matrix(session)
 
 
@@ -352,8 +354,8 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner, train_rows
             log.append(record)
             if live is not None:
                 live.append(record)
-            if session.tensorboard is not None:
-                session.tensorboard.log_step(record, earlier_steps + record["step"])
+            if session.tracker is not None:
+                session.tracker.log_step(record, earlier_steps + record["step"])
             sums, started = {}, time.perf_counter()
             tokens = torch.zeros_like(tokens)
             bar.update(len(log), _progress_fields(record, session, runner.task_index, bar))

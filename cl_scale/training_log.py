@@ -1,7 +1,7 @@
-"""What a run records about its training besides the snapshots: step records, TensorBoard, memory.
+"""What a run records about its training besides the snapshots: step records and memory.
 
-The per-step JSONL log written with each stage is the record of truth; TensorBoard (`train.tensorboard`)
-is an optional live view of the same numbers, written by rank 0 into `<run>/tensorboard`.
+The per-step JSONL log written with each stage is the record of truth; DeepSpeed's monitors
+(cl_scale.tracking) are optional live views of the same numbers.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import torch
 
 from cl_scale import distributed as dist_utils
 from cl_scale.errors import CLScaleError
-
-TENSORBOARD_DIR = "tensorboard"
 
 
 def step_record(engine: Any, sums: dict[str, torch.Tensor], accumulation: int, tokens: torch.Tensor,
@@ -81,35 +79,6 @@ def require_tensorboard(recipe: Any) -> None:
             "train.tensorboard is true but the tensorboard package is not installed",
             "pip install tensorboard, or set train.tensorboard=false",
         )
-
-
-class TensorBoard:
-    """Rank 0's SummaryWriter: step scalars on one global step axis across stages, scores per stage."""
-
-    def __init__(self, run_path: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir=str(run_path / TENSORBOARD_DIR))
-
-    def log_step(self, record: dict[str, Any], global_step: int) -> None:
-        for key, value in record.items():
-            if key not in ("step", "epoch") and value is not None:
-                self.writer.add_scalar(f"train/{key}", value, global_step)
-
-    def log_scores(self, scores: dict[str, float], stage: int) -> None:
-        for task, score in scores.items():
-            self.writer.add_scalar(f"eval/{task}", score, stage)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def open_tensorboard(recipe: Any, run_path: Path) -> TensorBoard | None:
-    """The writer on rank 0 when `train.tensorboard` is on (after `require_tensorboard`); None elsewhere."""
-    if not (recipe.train.tensorboard and dist_utils.is_main()):
-        return None
-    return TensorBoard(run_path)
 
 
 def resident_memory_mb() -> float | None:

@@ -13,7 +13,13 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from cl_scale.data.collators import IGNORE_INDEX, _check_lengths, _encode, _eos, _tokenize
+from cl_scale.data.collators import (
+    IGNORE_INDEX,
+    _check_lengths,
+    _encode,
+    _eos,
+    _tokenize,
+)
 from cl_scale.errors import CLScaleError
 
 
