@@ -69,6 +69,7 @@ def run_training(recipe: Any, *, resume: bool, run_dir: str | Path | None, allow
     """Train the whole task sequence of `recipe`; returns the run directory."""
     import datasets
 
+    from cl_scale.data.chat import check_chat_template
     from cl_scale.data.orders import resolve_tasks
     from cl_scale.data.tasks import check_tasks
     from cl_scale.ds_config import build_ds_config
@@ -81,6 +82,7 @@ def run_training(recipe: Any, *, resume: bool, run_dir: str | Path | None, allow
             quiet_known_warnings(main=dist_utils.is_main())
             tasks = resolve_tasks(recipe.data.order, recipe.data.tasks)
             check_tasks(recipe.data, tasks)
+            check_chat_template(recipe.model, recipe.data)
             ds_config = build_ds_config(recipe, dist_utils.world_size())
             path = Path(run_dir) if run_dir is not None else Path(recipe.output.dir) / recipe.name
             run = _open_run_dir(recipe, path, tasks, resume=resume, allow_changed_recipe=allow_changed_recipe)

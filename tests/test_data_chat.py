@@ -111,3 +111,15 @@ def test_a_template_whose_turn_does_not_end_with_eos_is_a_clear_error(chat_token
 def test_chat_template_on_an_encoder_decoder_is_a_clear_error(t5_tokenizer) -> None:
     with pytest.raises(CLScaleError, match="encoder-decoder"):
         tokenize_examples(recipe(), t5_tokenizer, "seq2seq", examples(), prompts_only=False)
+
+
+def test_chat_template_without_a_template_stops_training_before_the_run_directory(tmp_path, tiny_llama_dir) -> None:
+    from cl_scale.recipe import load_recipe
+    from cl_scale.trainer import run_training
+    from tests.trainer_helpers import write_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_llama_dir, data={"chat_template": True},
+                                      output={"dir": str(tmp_path / "runs")}))
+    with pytest.raises(CLScaleError, match="has no chat template"):
+        run_training(recipe, resume=False, run_dir=None, allow_changed_recipe=False)
+    assert not (tmp_path / "runs").exists()

@@ -9,6 +9,7 @@ tokenised on its own after the rendered prompt text, so the prompt ids never dep
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -21,6 +22,9 @@ from cl_scale.data.collators import (
     _tokenize,
 )
 from cl_scale.errors import CLScaleError
+
+if TYPE_CHECKING:
+    from cl_scale.recipe import DataConfig, ModelConfig
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str | None = None) -> str:
@@ -122,3 +126,16 @@ def tokenize_chat(
     if prompts_only:
         return _tokenize(ds, "chat-prompts", _chat_prompt_batch, kwargs, cache_dir)
     return _tokenize(ds, "chat", _chat_batch, {**kwargs, "max_target_length": max_target_length}, cache_dir)
+
+
+def check_chat_template(model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
+    """Before a run directory exists: with data.chat_template on, the tokenizer must have a template whose
+    assistant turn ends with its EOS (one probe example through the same code training uses)."""
+    if not data_cfg.chat_template:
+        return
+    from cl_scale.modeling.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model_cfg)
+    _template(tokenizer)
+    content, text, _ = _prompt(tokenizer, "probe", data_cfg.max_source_length)
+    _answer(tokenizer, content, text, "probe", data_cfg.max_target_length)
