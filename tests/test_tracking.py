@@ -3,6 +3,7 @@ stage's scores and AP land on one global step axis across stages, written once b
 each stage's engine)."""
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -70,3 +71,15 @@ def test_file_monitors_default_to_the_run_directory(tmp_path: Path) -> None:
         "tensorboard": {"enabled": True, "output_path": str(tmp_path), "job_name": "tensorboard"},
         "csv_monitor": {"enabled": True, "output_path": str(tmp_path), "job_name": "csv_monitor"},
     }
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install wandb)")
+def test_wandb_offline_run_is_one_run_for_the_whole_sequence(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    overrides = {"zero_optimization": {"stage3_param_persistence_threshold": 0},
+                 "wandb": {"enabled": True, "project": "cl-scale-test"}}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama_dir, deepspeed={"overrides": overrides},
+                          train={"epochs": 1, "per_device_batch": 4, "global_batch": 8})
+    launch([(recipe, tmp_path / "run")], ranks=1, cache=tmp_path / "cache",
+           WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
