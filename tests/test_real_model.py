@@ -255,3 +255,31 @@ def test_one_and_two_ranks_give_the_same_snapshots(worlds: dict[int, Path]) -> N
         assert one.keys() == two.keys() and one
         for name in one:
             torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=f"{stage} {name}")
+
+
+def _chat_rows(folder: Path, tokenizer: Tokenizer, sst2: Dataset, *, prompts_only: bool) -> Dataset:
+    from cl_scale.data.pipeline import tokenize_examples
+
+    recipe = load_recipe(RECIPE, [f"model.path={folder}", "data.chat_template=true"])
+    examples = sst2 if not prompts_only else sst2.remove_columns("target")
+    return tokenize_examples(recipe, tokenizer, "causal", examples, prompts_only=prompts_only).rows
+
+
+def test_chat_template_prompt_is_the_models_own_user_turn(folder: Path, tokenizer: Tokenizer, sst2: Dataset) -> None:
+    rows = _chat_rows(folder, tokenizer, sst2, prompts_only=True)
+    for row, prompt in zip(rows, sst2["prompt"]):
+        turn = [{"role": "user", "content": prompt}]
+        expected = tokenizer(tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True),
+                             add_special_tokens=False)["input_ids"]
+        assert row["input_ids"] == expected
+
+
+def test_chat_template_answers_end_with_the_scored_end_of_turn(folder: Path, tokenizer: Tokenizer, sst2: Dataset) -> None:
+    rows = _chat_rows(folder, tokenizer, sst2, prompts_only=False)
+    prompts = _chat_rows(folder, tokenizer, sst2, prompts_only=True)
+    for row, prompt_row in zip(rows, prompts):
+        width = len(prompt_row["input_ids"])
+        assert row["input_ids"][:width] == prompt_row["input_ids"]
+        scored = [t for t in row["labels"] if t != IGNORE_INDEX]
+        assert scored[-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+        assert row["labels"][:width] == [IGNORE_INDEX] * width
