@@ -15,7 +15,7 @@ from cl_scale.data.benchmark import SPLITS, TaskInfo, count_examples, default_me
 from cl_scale.data.lengths import LengthStats, token_length_stats
 from cl_scale.data.orders import resolve_tasks
 from cl_scale.data.synthetic import DEFAULT_N_TEST, DEFAULT_N_TRAIN, SYNTHETIC_BENCHMARK, SYNTHETIC_TASKS
-from cl_scale.data.own_tasks import own_split_size
+from cl_scale.data.own_tasks import own_split_size, split_path
 from cl_scale.data.tasks import SYNTHETIC_ROOT, load_task, task_info
 from cl_scale.errors import CLScaleError
 
@@ -102,6 +102,9 @@ def check_recipe_cli(recipe: Any) -> None:
         for split in SPLITS:
             if info.path is not None and not split_file(info, split).is_file():
                 table.add_row(task, split, "[red]missing[/red]", "", "", "", "")
+                continue
+            if info.files is not None and split_path(info.files, split) is None:
+                table.add_row(task, split, "none", "", "", "", "")  # an own task without a dev split
                 continue
             try:
                 ds = load_task(data, task, split, seed=recipe.train.seed)

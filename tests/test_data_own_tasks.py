@@ -248,3 +248,13 @@ def test_plan_reports_a_bad_own_task_as_an_error(tmp_path: Path, tiny_llama_dir:
 
     plan = make_plan(own_recipe(tmp_path, tiny_llama_dir, bad_entry(tmp_path)), gpus=1, nodes=1)
     assert [(c.subject, "bad.jsonl record 7" in c.message) for c in plan.errors] == [("mine", True)]
+
+
+def test_data_check_lists_own_tasks_with_their_sizes_and_an_absent_dev(tiny_llama_dir: Path, capsys) -> None:
+    from cl_scale.data_check import check_recipe_cli
+
+    example = Path(__file__).resolve().parent.parent / "recipes" / "own_tasks_example.yaml"
+    check_recipe_cli(load_recipe(example, [f"model.path={tiny_llama_dir}"]))
+    rows = [line.split("│") for line in capsys.readouterr().out.splitlines() if "│" in line]
+    cells = {(r[1].strip(), r[2].strip()): r[3].strip() for r in rows if len(r) > 4}
+    assert (cells[("own files", "count")], cells[("count", "dev")], cells[("first_two", "dev")]) == ("48", "none", "8")
