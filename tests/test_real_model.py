@@ -16,7 +16,12 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
-from cl_scale.data.collators import IGNORE_INDEX, CausalCollator, tokenize_causal, tokenize_causal_prompts
+from cl_scale.data.collators import (
+    IGNORE_INDEX,
+    CausalCollator,
+    tokenize_causal,
+    tokenize_causal_prompts,
+)
 from cl_scale.data.tasks import load_task
 from cl_scale.modeling.wrapper import ContinualModel
 from cl_scale.real_model import EXPECTED, check_folder, default_folder, greedy_answer
