@@ -57,8 +57,8 @@ def family_dirs(tmp_path_factory: pytest.TempPathFactory, llama_tokenizer_dir: P
 
 
 @pytest.fixture(scope="module")
-def family_runs(tmp_path_factory: pytest.TempPathFactory, family_dirs: dict[str, Path]) -> dict[str, Path]:
-    """Every family trained on two synthetic tasks with GainLoRA, one launch."""
+def family_runs(tmp_path_factory: pytest.TempPathFactory, family_dirs: dict[str, Path]) -> dict[str, tuple[Path, Path]]:
+    """Every family trained on two synthetic tasks with GainLoRA, one launch: (recipe, run) by family."""
     root = tmp_path_factory.mktemp("family_runs")
     pairs = []
     for name, model in family_dirs.items():
@@ -68,13 +68,13 @@ def family_runs(tmp_path_factory: pytest.TempPathFactory, family_dirs: dict[str,
                               train={"epochs": 1, "per_device_batch": 4, "global_batch": 8})
         pairs.append((recipe, root / f"run-{name}"))
     launch(pairs, ranks=1, cache=root / "cache")
-    return {name: run for name, (_, run) in zip(family_dirs, pairs)}
+    return dict(zip(family_dirs, pairs))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_trains_two_tasks_with_finite_losses(family_runs, family: str) -> None:
     for stage in STAGES:
-        losses = [row["loss"] for row in train_log(family_runs[family], stage)]
+        losses = [row["loss"] for row in train_log(family_runs[family][1], stage)]
         assert losses and all(math.isfinite(x) for x in losses), (family, stage)
 
 
@@ -83,7 +83,7 @@ def test_family_trains_two_tasks_with_finite_losses(family_runs, family: str) ->
     ("gemma2", {"q_proj", "v_proj"}), ("phi3", {"qkv_proj"}),
 ])
 def test_family_gets_its_default_target_modules(family_runs, family: str, targets: set[str]) -> None:
-    snapshot = load_file(str(family_runs[family] / "stages" / STAGES[-1] / "snapshot.safetensors"))
+    snapshot = load_file(str(family_runs[family][1] / "stages" / STAGES[-1] / "snapshot.safetensors"))
     branched = {part for key in snapshot for part in key.split(".") if part.endswith("proj")}
     assert branched == targets
 
@@ -107,11 +107,10 @@ def test_qwen2_tiny_config_keeps_the_qkv_biases(family_dirs) -> None:
 
 
 @pytest.mark.multirank
-def test_qwen2_two_zero3_ranks_reproduce_one_rank(tmp_path: Path, family_dirs) -> None:
-    recipe = write_recipe(tmp_path / "qwen2.yaml", family_dirs["qwen2"], method={"rank": 4, "gate": {"hidden": 16}})
-    runs = {ranks: tmp_path / f"run-{ranks}" for ranks in (1, 2)}
-    for ranks, run in runs.items():
-        launch([(recipe, run)], ranks=ranks, cache=tmp_path / "cache")
+def test_qwen2_two_zero3_ranks_reproduce_one_rank(tmp_path: Path, family_runs) -> None:
+    recipe, one_rank = family_runs["qwen2"]
+    runs = {1: one_rank, 2: tmp_path / "run-2"}
+    launch([(recipe, runs[2])], ranks=2, cache=tmp_path / "cache")
     for stage in STAGES:
         one, two = train_log(runs[1], stage), train_log(runs[2], stage)
         assert len(one) == len(two) > 0
