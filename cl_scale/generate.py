@@ -29,20 +29,16 @@ _FORMAT = 'each line must be {"prompt": "..."} or {"definition": "...", "input":
 
 
 def _template(recipe: Recipe, tasks: list[str]) -> str:
-    """The run's prompt template; "auto" resolves through the benchmark the run's tasks come from."""
-    from cl_scale.data.prompts import resolve_template
-    from cl_scale.data.tasks import task_info
+    """The run's prompt template: the one every task of the run uses (own tasks may bring their own)."""
+    from cl_scale.data.tasks import prompt_template
 
-    if recipe.data.template != "auto":
-        return recipe.data.template
-    benchmarks = {task_info(recipe.data, task).benchmark for task in tasks}
-    if len(benchmarks) != 1:
+    templates = {prompt_template(recipe.data, task) for task in tasks}
+    if len(templates) != 1:
         raise CLScaleError(
-            f"the run's tasks come from several benchmarks ({', '.join(sorted(benchmarks))}) "
-            "with different prompt formats",
+            f"the run's tasks use {len(templates)} different prompt templates (benchmarks or own tasks differ)",
             'give whole prompts as {"prompt": "..."} lines',
         )
-    return resolve_template("auto", benchmarks.pop())
+    return templates.pop()
 
 
 def _line_prompt(path: Path, number: int, line: str, template: Callable[[], str]) -> str:

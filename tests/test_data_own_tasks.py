@@ -258,3 +258,10 @@ def test_data_check_lists_own_tasks_with_their_sizes_and_an_absent_dev(tiny_llam
     rows = [line.split("│") for line in capsys.readouterr().out.splitlines() if "│" in line]
     cells = {(r[1].strip(), r[2].strip()): r[3].strip() for r in rows if len(r) > 4}
     assert (cells[("own files", "count")], cells[("count", "dev")], cells[("first_two", "dev")]) == ("48", "none", "8")
+
+
+def test_prompt_template_is_the_own_tasks_else_the_recipes(tmp_path: Path) -> None:
+    from cl_scale.data.tasks import prompt_template
+
+    cfg = data_cfg([own(tmp_path, "a", template="Q: {input} A:"), own(tmp_path, "b")], template="In: {input}")
+    assert (prompt_template(cfg, "a"), prompt_template(cfg, "b")) == ("Q: {input} A:", "In: {input}")

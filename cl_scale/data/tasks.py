@@ -8,7 +8,12 @@ from datasets import Dataset
 
 from cl_scale.data.benchmark import TaskInfo, find_task, load_examples, split_file
 from cl_scale.data.names import unknown_name
-from cl_scale.data.own_tasks import OWN_BENCHMARK, TaskFiles, check_own_task, load_own_examples
+from cl_scale.data.own_tasks import (
+    OWN_BENCHMARK,
+    TaskFiles,
+    check_own_task,
+    load_own_examples,
+)
 from cl_scale.data.prompts import build_prompt, resolve_template
 from cl_scale.data.synthetic import (
     DEFAULT_N_TEST,
@@ -49,6 +54,14 @@ def task_info(data_cfg: DataConfig, task: str) -> TaskInfo:
     return find_task(data_cfg.root, task)
 
 
+def prompt_template(data_cfg: DataConfig, task: str) -> str:
+    """The prompt template `task` uses: an own task's `template`, else data.template, "auto" resolved
+    through the task's benchmark."""
+    info = task_info(data_cfg, task)
+    own = None if info.files is None else info.files.template
+    return resolve_template(own or data_cfg.template, info.benchmark)
+
+
 def load_task(data_cfg: DataConfig, task: str, split: str, *, seed: int) -> Dataset:
     """Examples of one split with a `prompt` column.
 
@@ -71,8 +84,7 @@ def load_task(data_cfg: DataConfig, task: str, split: str, *, seed: int) -> Data
             ds = load_own_examples(info.files, split, max_examples=cap, seed=seed)
         else:
             ds = load_examples(data_cfg.root, task, split, max_examples=cap, seed=seed)
-    own_template = None if info.files is None else info.files.template
-    template = resolve_template(own_template or data_cfg.template, info.benchmark)
+    template = prompt_template(data_cfg, task)
     prompts = [build_prompt(d, x, template) for d, x in zip(ds["definition"], ds["input"])]
     return ds.add_column("prompt", prompts)
 
