@@ -380,10 +380,15 @@ def process_group(timeout_s: float) -> Iterator[None]:
     """A process group for the duration: started unless one is up, and then destroyed on every exit path.
 
     A world of one without a launcher. Whoever opened the group closes it, whether the body returns, raises
-    a CLScaleError or is interrupted, so every rank exits with its own code instead of gloo's abort. A
-    failed collective inside is explained as a dead or hung peer (`explain_collective_failures`).
+    a CLScaleError or is interrupted, so every rank exits with its own code instead of gloo's abort, and
+    removes the RANK / WORLD_SIZE / MASTER_* variables it set for a world of one (a process that opens
+    groups one after another, or starts launchers, must not inherit a stale port). A failed collective
+    inside is explained as a dead or hung peer (`explain_collective_failures`).
     """
+    import os
+
     owns_group = not is_distributed()
+    added = [k for k in launcher_environment(dict(os.environ)) if k not in os.environ] if owns_group else []
     init_distributed(timeout_s)
     try:
         with explain_collective_failures(timeout_s):
@@ -391,6 +396,8 @@ def process_group(timeout_s: float) -> Iterator[None]:
     finally:
         if owns_group:
             shutdown_distributed()
+            for key in added:  # a world of one's port and ranks must not leak into later groups or child processes
+                os.environ.pop(key, None)
 
 
 def run_on_main(fn, *args, **kwargs):

@@ -154,3 +154,21 @@ def test_process_group_leaves_a_group_it_did_not_open(monkeypatch: pytest.Monkey
     with dist_utils.process_group(timeout_s=5):
         pass
     assert events == ["init"], "the launcher's (or the demo's) group must outlive an inner run"
+
+
+def test_process_group_removes_the_launcher_variables_it_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    for key in names:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(dist_utils, "is_distributed", lambda: False)
+    monkeypatch.setattr(  # what the real one does to the environment, without a group in the test process
+        dist_utils, "init_distributed", lambda timeout_s: os.environ.update(dist_utils.launcher_environment(dict(os.environ)))
+    )
+    monkeypatch.setattr(dist_utils, "shutdown_distributed", lambda: None)
+    with dist_utils.process_group(timeout_s=30):
+        inside = {k: os.environ.get(k) for k in names}
+    assert inside["RANK"] == "0" and inside["WORLD_SIZE"] == "1" and inside["MASTER_PORT"], "a world of one was set up"
+    left = {k: os.environ[k] for k in names if k in os.environ}
+    assert left == {}, f"the group's launcher variables outlived it: {left}"
