@@ -229,6 +229,8 @@ class TrainConfig(_Section):
     log_every: int = Field(default=1, gt=0)
     log_interval_s: float = Field(default=60.0, gt=0)
     """Off a terminal, a progress line at least this often (as steps finish), besides every log_every steps."""
+    checkpoint_every_steps: int = Field(default=0, ge=0)
+    """Engine checkpoint every this many optimizer steps inside a task, for --resume within it (0: off)."""
     tensorboard: bool = False
     collective_timeout_s: int = Field(default=600, gt=0)
 
@@ -250,8 +252,6 @@ class DeepSpeedConfig(_Section):
 
     config: str = "ds_configs/zero3.json"
     overrides: dict[str, Any] = Field(default_factory=dict)
-    checkpoint_every_steps: int = Field(default=0, ge=0)
-    """Engine checkpoint every this many optimizer steps inside a task, for --resume within it (0: off)."""
 
     def config_path(self) -> Path:
         """The config file: as given if it exists (absolute or from the cwd), else the one cl-scale ships."""
