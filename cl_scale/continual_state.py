@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from cl_scale import distributed as dist_utils
-from cl_scale.errors import CLScaleError
+from cl_scale.errors import CLScaleError, read_safetensors
 from cl_scale.rundir import METHOD_STATE, RECIPE_YAML, SNAPSHOT
 
 if TYPE_CHECKING:
@@ -103,21 +103,15 @@ def stage_generator(recipe: Recipe, index: int) -> torch.Generator:
 
 def restore_stage(state: ContinualState, recipe: Recipe, stage_dir: Path, stage_index: int) -> None:
     """Grow stages 0..stage_index and load their values from `stage_dir` (before any engine is built)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     from cl_scale.distributed import LocalAccess
 
     for index in range(stage_index + 1):
         state.method.grow(index, stage_generator(recipe, index))
-    try:
-        snapshot = load_file(str(stage_dir / SNAPSHOT))
-        method_state = load_file(str(stage_dir / METHOD_STATE))
-    except (OSError, SafetensorError) as err:
-        raise CLScaleError(
-            f"stage snapshot in {stage_dir} cannot be read ({err})",
-            "the stage is damaged: delete the stage folder and resume the run to retrain it",
-        ) from err
+    problem = f"stage snapshot in {stage_dir} cannot be read"
+    fix = "the stage is damaged: delete the stage folder and resume the run to retrain it"
+    snapshot = read_safetensors(stage_dir / SNAPSHOT, problem=problem, fix=fix)
+    method_state = read_safetensors(stage_dir / METHOD_STATE, problem=problem, fix=fix)
     params = state.model.branch_parameters()
     mismatched = sorted(set(snapshot) ^ set(params)) or [
         n for n in params if tuple(snapshot[n].shape) != tuple(getattr(params[n], "ds_shape", params[n].shape))

@@ -31,3 +31,18 @@ def read_json(path: os.PathLike[str] | str, *, fix: str) -> object:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise CLScaleError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})", fix) from err
+
+
+def read_safetensors(path: os.PathLike[str] | str, *, problem: str, fix: str) -> dict:
+    """The tensors of a safetensors file; a missing, truncated or foreign file becomes one CLScaleError.
+
+    `problem` says what the file is to the user ("stage snapshot in ... cannot be read"); the reader's own
+    reason is appended in parentheses.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise CLScaleError(f"{problem} ({err})", fix) from err

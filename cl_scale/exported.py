@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cl_scale.errors import CLScaleError, read_json
+from cl_scale.errors import CLScaleError, read_json, read_safetensors
 from cl_scale.local_stage import LocalStage
 
 
 def load_exported(folder: str | Path, base: str | None = None) -> LocalStage:
     """The gated model exported to `folder`, on this process's device; `base` replaces the base model path."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     from cl_scale.continual_state import build_state
     from cl_scale.distributed import LocalAccess
@@ -42,11 +40,11 @@ def load_exported(folder: str | Path, base: str | None = None) -> LocalStage:
     tasks = list(config["tasks"])
     state = build_state(recipe, None, len(tasks))
     model = state.model
-    try:
-        adapters = [load_file(str(folder / name / ADAPTER_WEIGHTS)) for name in config["adapters"]]
-        gates = load_file(str(folder / config["gates"]))
-    except (OSError, SafetensorError) as err:
-        raise CLScaleError(f"the export in {folder} cannot be read ({err})", "export the run again") from err
+    problem, fix = f"the export in {folder} cannot be read", "export the run again"
+    adapters = [
+        read_safetensors(folder / name / ADAPTER_WEIGHTS, problem=problem, fix=fix) for name in config["adapters"]
+    ]
+    gates = read_safetensors(folder / config["gates"], problem=problem, fix=fix)
     params, values = [], []
     for index, tensors in enumerate(adapters):
         model.add_branches()

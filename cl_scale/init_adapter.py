@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from cl_scale.errors import CLScaleError
+from cl_scale.errors import CLScaleError, read_safetensors
 
 if TYPE_CHECKING:
     from cl_scale.modeling.wrapper import ContinualModel
@@ -27,8 +27,6 @@ _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA bias"}
 
 def start_from_adapter(model: ContinualModel, recipe: Recipe, trainable: Sequence[nn.Parameter]) -> None:
     """Write the recipe's init adapter into branch 0 (grown, with `trainable` the first task's parameters)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     from cl_scale.distributed import LocalAccess
     from cl_scale.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
@@ -41,13 +39,10 @@ def start_from_adapter(model: ContinualModel, recipe: Recipe, trainable: Sequenc
             f"the init adapter {folder} has rank {rank}, the recipe's branches rank {recipe.method.rank}",
             f"set method.rank: {rank}",
         )
-    try:
-        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
-    except (OSError, SafetensorError) as err:
-        raise CLScaleError(
-            f"the init adapter's weights {folder / ADAPTER_WEIGHTS} cannot be read ({err})",
-            "save the adapter with PEFT's save_pretrained (safetensors, the default)",
-        ) from err
+    tensors = read_safetensors(
+        folder / ADAPTER_WEIGHTS, problem=f"the init adapter's weights {folder / ADAPTER_WEIGHTS} cannot be read",
+        fix="save the adapter with PEFT's save_pretrained (safetensors, the default)",
+    )
     wanted = {f"{PEFT_PREFIX}{path}.lora_{x}.weight": (path, x) for path in model.branched for x in "AB"}
     missing = sorted(set(wanted) - set(tensors))
     extra = sorted(set(tensors) - set(wanted))

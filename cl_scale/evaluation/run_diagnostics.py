@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cl_scale import atomic
-from cl_scale.errors import CLScaleError
+from cl_scale.errors import CLScaleError, read_safetensors
 from cl_scale.evaluation.diagnostics import BranchDiagnostics, Branches, branch_diagnostics
 from cl_scale.rundir import parse_branch_tensor_name
 
@@ -30,13 +30,9 @@ def _mismatch(path: Path, what: str) -> CLScaleError:
 
 def snapshot_branches(path: Path, rank: int) -> Branches:
     """{module: [(A_i, B_i) per task]} from a stage snapshot, checked against the recipe's LoRA rank."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError) as err:
-        raise CLScaleError(f"stage snapshot {path} cannot be read ({err})", "the stage is damaged; retrain it") from err
+    tensors = read_safetensors(
+        path, problem=f"stage snapshot {path} cannot be read", fix="the stage is damaged; retrain it"
+    )
     parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for name, tensor in tensors.items():
         parsed = parse_branch_tensor_name(name)
