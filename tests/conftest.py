@@ -49,12 +49,16 @@ def cl_benchmark() -> Path:
     return CL_BENCHMARK
 
 
+def _trained_tokenizer(tmp_path_factory: pytest.TempPathFactory, kind: str, vocab_size: int) -> Path:
+    out = tmp_path_factory.mktemp(f"{kind}_tokenizer")
+    train_sentencepiece_tokenizer(tokenizer_training_texts(), out, vocab_size=vocab_size, kind=kind)
+    return out
+
+
 @pytest.fixture(scope="session")
 def llama_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved Llama-style tokenizer (bos 1, eos 2, unk 0, pad 3, byte fallback)."""
-    out = tmp_path_factory.mktemp("llama_tokenizer")
-    train_sentencepiece_tokenizer(tokenizer_training_texts(), out, vocab_size=400, kind="causal")
-    return out
+    return _trained_tokenizer(tmp_path_factory, "causal", 400)
 
 
 @pytest.fixture(scope="session")
@@ -65,9 +69,7 @@ def llama_tokenizer(llama_tokenizer_dir: Path) -> PreTrainedTokenizerBase:
 @pytest.fixture(scope="session")
 def t5_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved T5-style tokenizer (pad 0, eos 1, unk 2)."""
-    out = tmp_path_factory.mktemp("t5_tokenizer")
-    train_sentencepiece_tokenizer(tokenizer_training_texts(), out, vocab_size=300, kind="seq2seq")
-    return out
+    return _trained_tokenizer(tmp_path_factory, "seq2seq", 300)
 
 
 @pytest.fixture(scope="session")

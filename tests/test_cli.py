@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_recipe import MINIMAL
 from typer.testing import CliRunner
 
 import cl_scale.recipe
@@ -17,13 +18,6 @@ from cl_scale.errors import CLScaleError
 
 runner = CliRunner()
 
-MINIMAL = """\
-model:
-  path: builtin:tiny-llama
-data:
-  root: builtin:synthetic
-  order: synthetic_demo
-"""
 
 
 @pytest.fixture

@@ -7,37 +7,36 @@ from cl_scale.data.prompts import build_prompt, resolve_template
 from cl_scale.errors import CLScaleError
 
 
-def test_superni_prompt_is_byte_exact_on_a_real_example(cl_benchmark: Path) -> None:
-    row = load_examples(cl_benchmark, "task363_sst2_polarity_classification", "test")[0]
-    expected = (
+# The first test example of a real task, as the published code prompts it (the last has no definition line).
+BYTE_EXACT = {
+    "superni": (
+        "task363_sst2_polarity_classification", "superni",
         "Definition: In this task, you are given sentences from movie reviews. The task is to classify a sentence "
         'as "POS" if the sentiment of the sentence is positive or as "NEG" if the sentiment of the sentence is '
         "negative\n\nNow complete the following example -\nInput: Making such a tragedy the backdrop to a love "
         "story risks trivializing it , though Chouraqui no doubt intended the film to affirm love 's power to help "
-        "people endure almost unimaginable horror .\nOutput: "
-    )
-    assert build_prompt(row["definition"], row["input"], "superni") == expected
-
-
-def test_long_prompt_is_byte_exact_on_a_real_example(cl_benchmark: Path) -> None:
-    row = load_examples(cl_benchmark, "dbpedia", "test")[0]
-    expected = (
+        "people endure almost unimaginable horror .\nOutput: ",
+    ),
+    "long": (
+        "dbpedia", "long",
         "I will give you some category entries from Wikipedia, please classify them by topic.\n"
         "Title: William V. Brady\n"
         "Text:  William Vermilye Brady (July 24 1811\u2013 March 31 1870) was the 68th Mayor of New York City from "
         "1847 to 1848.\n"
-        "Output: "
-    )
-    assert build_prompt(row["definition"], row["input"], "long") == expected
-
-
-def test_long_prompt_omits_the_definition_line_when_there_is_none(cl_benchmark: Path) -> None:
-    row = load_examples(cl_benchmark, "copa", "test")[0]
-    expected = (
+        "Output: ",
+    ),
+    "long_without_definition": (
+        "copa", "long",
         'Which sentence is the effect of "The man turned on the faucet."? Choose one between A and B.\n'
-        "A: The toilet filled with water.\nB: Water flowed from the spout.\nOutput: "
-    )
-    assert build_prompt(row["definition"], row["input"], "long") == expected
+        "A: The toilet filled with water.\nB: Water flowed from the spout.\nOutput: ",
+    ),
+}
+
+
+@pytest.mark.parametrize(("task", "template", "expected"), BYTE_EXACT.values(), ids=BYTE_EXACT)
+def test_prompt_is_byte_exact_on_a_real_example(cl_benchmark: Path, task: str, template: str, expected: str) -> None:
+    row = load_examples(cl_benchmark, task, "test")[0]
+    assert build_prompt(row["definition"], row["input"], template) == expected
 
 
 def test_custom_template_fills_each_field_once() -> None:
