@@ -92,3 +92,13 @@ def random_tokens(count: int, seed: int) -> list[int]:
     """`count` ordinary token ids (no special ids), reproducible from `seed`."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(4, VOCAB, (count,), generator=generator).tolist()
+
+
+@torch.no_grad()
+def copy_branch_into_peft(model: ContinualModel, peft_model: torch.nn.Module, index: int = 0) -> None:
+    """Set the PEFT model's default LoRA adapter to branch `index` of every branched layer (same paths)."""
+    for path, layer in model.branched.items():
+        a, b = layer.branch(index)
+        peft_layer = peft_model.base_model.model.get_submodule(path)
+        peft_layer.lora_A["default"].weight.copy_(a)
+        peft_layer.lora_B["default"].weight.copy_(b)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from modeling_fixtures import ALPHA, RANK, VOCAB, continual, grown, left_padded, random_tokens
+from modeling_fixtures import ALPHA, RANK, VOCAB, continual, copy_branch_into_peft, grown, left_padded, random_tokens
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -22,12 +22,7 @@ def test_one_ungated_branch_equals_peft_lora() -> None:
         LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
     )
     model = grown(continual(base, "causal"), tasks=1)
-    with torch.no_grad():
-        for path, layer in model.branched.items():
-            a, b = layer.branch(0)
-            peft_layer = reference.base_model.model.get_submodule(path)
-            peft_layer.lora_A["default"].weight.copy_(a)
-            peft_layer.lora_B["default"].weight.copy_(b)
+    copy_branch_into_peft(model, reference)
     ids, mask = left_padded([random_tokens(9, seed=2), random_tokens(5, seed=3)])
     expected = reference.eval()(input_ids=ids, attention_mask=mask).logits
     actual = model(ids, mask, mask).logits

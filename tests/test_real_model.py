@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from modeling_fixtures import copy_branch_into_peft
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
@@ -163,12 +164,8 @@ def test_one_branch_equals_peft_lora(base: torch.nn.Module, tokenizer: Tokenizer
     reference = get_peft_model(
         copy.deepcopy(base), LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     )
+    copy_branch_into_peft(model, reference)
     with torch.no_grad():
-        for path, layer in model.branched.items():
-            a, b = layer.branch(0)
-            peft_layer = reference.base_model.model.get_submodule(path)
-            peft_layer.lora_A["default"].weight.copy_(a)
-            peft_layer.lora_B["default"].weight.copy_(b)
         batch = collate(tokenizer, sst2)
         expected = reference.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         actual = model(**batch).logits
