@@ -109,8 +109,8 @@ def load(engine: Any, checkpoint: Resumable) -> None:
 
 
 class StopSignal:
-    """SIGUSR1/SIGTERM noted instead of killing the rank; `requested()` asks all ranks (collective), so
-    every rank stops after the same optimizer step."""
+    """SIGUSR1/SIGTERM noted (`received`) instead of killing the rank; the trainer shares it with the other
+    ranks in the step's own all-reduce (`training_log.step_record`), so every rank stops after the same step."""
 
     def __init__(self) -> None:
         self.received = False
@@ -128,6 +128,3 @@ class StopSignal:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-    def requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0], device=dist_utils.accelerator_device())
-        return bool(dist_utils.all_reduce_sum(flag).item() > 0)

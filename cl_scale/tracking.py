@@ -10,10 +10,12 @@ of the stages get the config without these sections, so they open no writers (or
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 from typing import Any
 
 from cl_scale import distributed as dist_utils
+from cl_scale.errors import CLScaleError
 
 MONITORS = ("tensorboard", "wandb", "csv_monitor", "comet")
 TENSORBOARD_DIR = "tensorboard"
@@ -32,6 +34,27 @@ def monitor_sections(recipe: Any, ds_config: dict[str, Any], run_path: Path) -> 
             section["output_path"] = str(run_path)
             section.setdefault("job_name", job)
     return {name: section for name, section in sections.items() if section.get("enabled")}
+
+
+_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet": "comet_ml"}
+"""The package each monitor needs (the CSV monitor needs none)."""
+
+
+def require_monitor_packages(recipe: Any, ds_config: dict[str, Any]) -> None:
+    """Fail before any work when an enabled monitor's package is missing.
+
+    Checked on every rank (same environment everywhere): only rank 0 opens the monitor, so a missing
+    package found there alone would leave the other ranks waiting in their next collective.
+    """
+    for name in monitor_sections(recipe, ds_config, Path(".")):
+        package = _PACKAGES.get(name)
+        if package is not None and importlib.util.find_spec(package) is None:
+            shorthand = name == "tensorboard" and recipe.train.tensorboard
+            switch = "train.tensorboard=false" if shorthand else f"the {name} section's enabled"
+            raise CLScaleError(
+                f"the {name} monitor is enabled but the {package} package is not installed",
+                f"pip install {package}, or turn it off ({switch})",
+            )
 
 
 def engine_config(ds_config: dict[str, Any]) -> dict[str, Any]:

@@ -27,10 +27,9 @@ from cl_scale.errors import CLScaleError, StopRequested
 from cl_scale.progress import ReportedBatches, Reporter
 from cl_scale.rundir import TRAIN_LOG
 from cl_scale.stage_runner import ShardBatches, StageRunner
-from cl_scale.tracking import Tracker, engine_config, open_tracker
+from cl_scale.tracking import Tracker, engine_config, open_tracker, require_monitor_packages
 from cl_scale.training_log import (
     LiveStepLog,
-    require_tensorboard,
     resident_memory_mb,
     step_record,
 )
@@ -74,7 +73,6 @@ def run_training(recipe: Any, *, resume: bool, run_dir: str | Path | None, allow
     from cl_scale.data.tasks import check_tasks
     from cl_scale.ds_config import build_ds_config
 
-    require_tensorboard(recipe)
     datasets.disable_progress_bars()
     session: Session | None = None
     try:
@@ -84,6 +82,7 @@ def run_training(recipe: Any, *, resume: bool, run_dir: str | Path | None, allow
             check_tasks(recipe.data, tasks)
             check_chat_template(recipe.model, recipe.data)
             ds_config = build_ds_config(recipe, dist_utils.world_size())
+            require_monitor_packages(recipe, ds_config)
             path = Path(run_dir) if run_dir is not None else Path(recipe.output.dir) / recipe.name
             run = _open_run_dir(recipe, path, tasks, resume=resume, allow_changed_recipe=allow_changed_recipe)
             session = _start_session(recipe, run, tasks, ds_config)
@@ -159,8 +158,7 @@ def _open_run_dir(recipe: Any, path: Path, tasks: list[str], *, resume: bool, al
 def _resume_point(run: Any, recipe: Any) -> dict[str, Any]:
     """Where a resumed session picks up: the first stage not committed (0-based index, as in `stages`),
     its task (None when every stage is done) and the optimizer steps of it already done."""
-    finished = set(run.finished_stages())
-    index = next((i for i in range(len(run.tasks)) if i not in finished), len(run.tasks))
+    index = run.finished_prefix()
     if index == len(run.tasks):
         return {"index": index, "task": None, "step": 0}
     resumable = checkpoint.newest_complete(
@@ -193,10 +191,7 @@ def _restore(session: Session) -> int:
     """Re-create the finished stages from the last snapshot; returns the first stage to train."""
     from cl_scale.continual_state import restore_stage
 
-    finished = session.run.finished_stages()
-    start = 0
-    while start in finished:
-        start += 1
+    start = session.run.finished_prefix()
     if start > 0:
         restore_stage(session.state, session.recipe, session.run.stage_dir(start - 1), start - 1)
         session.console.print(f"[bold]resuming[/] {session.run.path} at stage {start + 1}/{len(session.tasks)}")
@@ -352,7 +347,9 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner, train_rows
             if not boundary:
                 continue
             session.method.after_step(runner)
-            record = step_record(engine, sums, accumulation, tokens, started, epoch, len(log) + 1)
+            record, stopping = step_record(
+                engine, sums, accumulation, tokens, started, epoch, len(log) + 1, stop_requested=stop.received
+            )
             log.append(record)
             if live is not None:
                 live.append(record)
@@ -361,7 +358,6 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner, train_rows
             sums, started = {}, time.perf_counter()
             tokens = torch.zeros_like(tokens)
             bar.update(len(log), _progress_fields(record, session, runner.task_index, bar))
-            stopping = stop.requested()
             if stopping or (every and len(log) % every == 0 and len(log) < total_steps):
                 checkpoint.save(engine, checkpoints, len(log), log, recipe)
             if stopping:

@@ -6,7 +6,6 @@ The per-step JSONL log written with each stage is the record of truth; DeepSpeed
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -15,18 +14,20 @@ from typing import Any, Self
 import torch
 
 from cl_scale import distributed as dist_utils
-from cl_scale.errors import CLScaleError
 
 
 def step_record(engine: Any, sums: dict[str, torch.Tensor], accumulation: int, tokens: torch.Tensor,
-                started: float, epoch: int, step: int) -> dict[str, Any]:
-    """One optimizer step's log line: every loss term averaged over all ranks' micro-batches.
+                started: float, epoch: int, step: int, *, stop_requested: bool = False) -> tuple[dict[str, Any], bool]:
+    """One optimizer step's log line (every loss term averaged over all ranks' micro-batches), and whether
+    any rank was asked to stop.
 
-    `sums` and `tokens` are float64 tensors on the rank's device (NCCL reduces device tensors only);
-    this is the one host sync of the step. Collective, so every rank calls it at every step.
+    `sums` and `tokens` are float64 tensors on the rank's device; this rank's stop request rides in the
+    same all-reduce, so the step keeps one collective and one host sync, and every rank learns of a stop
+    after the same step. Collective, so every rank calls it at every step.
     """
     names = sorted(sums)
-    values = torch.stack([sums[n] for n in names] + [tokens]).double()
+    stop = torch.ones_like(tokens) if stop_requested else torch.zeros_like(tokens)
+    values = torch.stack([sums[n] for n in names] + [tokens, stop]).double()
     dist_utils.all_reduce_sum(values)
     values = values.cpu()
     micro_batches = accumulation * dist_utils.world_size()
@@ -40,8 +41,8 @@ def step_record(engine: Any, sums: dict[str, torch.Tensor], accumulation: int, t
         **{f"loss_{n}": v for n, v in terms.items()},
         "lr": engine.get_lr()[0],
         "grad_norm": None if grad_norm is None else float(grad_norm),
-        "tokens_per_s": values[-1].item() / elapsed,
-    }
+        "tokens_per_s": values[-2].item() / elapsed,
+    }, values[-1].item() > 0
 
 
 class LiveStepLog:
@@ -67,18 +68,6 @@ class LiveStepLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def require_tensorboard(recipe: Any) -> None:
-    """Fail before any work when TensorBoard output is asked for and the package is missing.
-
-    Checked on every rank (same environment everywhere), so no rank waits for one that gave up.
-    """
-    if recipe.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise CLScaleError(
-            "train.tensorboard is true but the tensorboard package is not installed",
-            "pip install tensorboard, or set train.tensorboard=false",
-        )
 
 
 def resident_memory_mb() -> float | None:

@@ -20,7 +20,7 @@ from cl_scale.errors import CLScaleError
 from cl_scale.modeling.loading import load_base_model
 from cl_scale.recipe import load_recipe
 from cl_scale.tracking import TENSORBOARD_DIR
-from cl_scale.training_log import require_tensorboard
+from cl_scale.tracking import require_monitor_packages
 from tests.trainer_helpers import launch, manifest, stage_tensors, train_log, write_recipe
 
 TASKS = ["reverse", "sort", "first"]
@@ -141,7 +141,18 @@ def test_tensorboard_without_the_package_is_a_clear_error(monkeypatch, tmp_path:
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_llama_dir, train={"tensorboard": True}))
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     with pytest.raises(CLScaleError, match="pip install tensorboard"):
-        require_tensorboard(recipe)
+        require_monitor_packages(recipe, {})
+
+
+def test_a_monitor_enabled_in_the_deepspeed_config_without_its_package_is_a_clear_error(
+    monkeypatch, tmp_path: Path, tiny_llama_dir
+) -> None:
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_llama_dir))
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else object())
+    with pytest.raises(CLScaleError, match="pip install wandb"):
+        require_monitor_packages(recipe, {"wandb": {"enabled": True}})
+    require_monitor_packages(recipe, {"wandb": {"enabled": False}})  # a disabled monitor needs nothing
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
