@@ -48,7 +48,10 @@ def merged_tensors(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         if not params and not buffers:
             continue
         out: dict[str, torch.Tensor] = {}
-        with zero.GatheredParameters([p for _, p in params]):
+        # the branches too: they are plain tensors when the base alone was partitioned at load, but a
+        # model inside an engine holds them as partitions as well (gathering plain tensors costs nothing)
+        branches = [] if layer is None else [t for pair in layer.branches() for t in pair]
+        with zero.GatheredParameters([*(p for _, p in params), *branches]):
             if dist_utils.is_main():
                 for n, p in [*params, *buffers]:
                     value = p.detach()
