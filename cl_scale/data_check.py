@@ -18,6 +18,7 @@ from cl_scale.data.synthetic import DEFAULT_N_TEST, DEFAULT_N_TRAIN, SYNTHETIC_B
 from cl_scale.data.own_tasks import own_split_size, split_path
 from cl_scale.data.tasks import SYNTHETIC_ROOT, load_task, task_info
 from cl_scale.errors import CLScaleError
+from cl_scale.modeling.builtin_specs import BUILTIN_PREFIX
 
 
 def _split_size(info: TaskInfo, split: str, synthetic_sizes: tuple[int, int]) -> str:
@@ -60,7 +61,7 @@ def list_tasks_cli(root: str) -> None:
 def _recipe_tokenizer(model_cfg: Any) -> tuple[PreTrainedTokenizerBase | None, str]:
     """The recipe's tokenizer, or None and the reason: the report still helps without one."""
     try:
-        if model_cfg.path.startswith("builtin:"):
+        if model_cfg.path.startswith(BUILTIN_PREFIX):
             from cl_scale.modeling.loading import load_tokenizer
 
             return load_tokenizer(model_cfg), ""

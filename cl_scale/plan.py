@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from cl_scale.errors import CLScaleError
 from cl_scale.methods import method_class
+from cl_scale.modeling.builtin_specs import BUILTIN_PREFIX
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -164,8 +165,8 @@ def _model_config(path: str) -> tuple[PretrainedConfig | None, str]:
     """The config of `path` and where it came from, or None and why not (never touches the network)."""
     from transformers import AutoConfig
 
-    if path.startswith("builtin:"):
-        return _builtin_config(path.removeprefix("builtin:"))
+    if path.startswith(BUILTIN_PREFIX):
+        return _builtin_config(path.removeprefix(BUILTIN_PREFIX))
     if Path(path).is_dir():
         try:
             return AutoConfig.from_pretrained(path), f"config.json in {path}"

@@ -97,24 +97,16 @@ def test_peft_adapter_of_stage_k_has_rank_k_r_and_alpha_s_k_r(runs, tmp_path) ->
     assert config["base_model_name_or_path"] == model_dir(load_run(runs["inclora"]).recipe.model)
 
 
-def test_peft_adapter_of_an_earlier_stage_gives_that_stages_logits(runs, tmp_path) -> None:
+@pytest.mark.parametrize(("name", "stage"), [("inclora", 1), ("seqlora", None)], ids=["inclora_stage_1", "seqlora"])
+def test_a_one_branch_stage_exports_one_adapter_of_rank_r_with_its_logits(runs, tmp_path, name, stage) -> None:
+    """IncLoRA's first stage holds one branch and SeqLoRA always does: one adapter of rank r either way."""
     out = tmp_path / "peft"
-    export_run(runs["inclora"], out, fmt="peft", stage=1)
-    stage = load_run(runs["inclora"], stage=1)
-    inputs = sample_inputs(stage)
+    export_run(runs[name], out, fmt="peft", stage=stage)
+    loaded = load_run(runs[name], stage=stage)
+    inputs = sample_inputs(loaded)
     assert json.loads((out / ADAPTER_CONFIG).read_text())["r"] == RANK
-    got = peft_logits(model_dir(stage.recipe.model), [out], stage.kind, inputs)
-    torch.testing.assert_close(got, stage_logits(stage, inputs), rtol=0, atol=1e-5)
-
-
-def test_seqlora_exports_one_adapter_of_rank_r(runs, tmp_path) -> None:
-    out = tmp_path / "peft"
-    export_run(runs["seqlora"], out, fmt="peft")
-    stage = load_run(runs["seqlora"])
-    inputs = sample_inputs(stage)
-    assert json.loads((out / ADAPTER_CONFIG).read_text())["r"] == RANK
-    got = peft_logits(model_dir(stage.recipe.model), [out], stage.kind, inputs)
-    torch.testing.assert_close(got, stage_logits(stage, inputs), rtol=0, atol=1e-5)
+    got = peft_logits(model_dir(loaded.recipe.model), [out], loaded.kind, inputs)
+    torch.testing.assert_close(got, stage_logits(loaded, inputs), rtol=0, atol=1e-5)
 
 
 def test_per_task_adapters_active_together_give_the_stage_models_logits(runs, tmp_path) -> None:
