@@ -127,6 +127,11 @@ class DataConfig(_Section):
     tasks: list[TaskEntry] | None = Field(default=None, min_length=1)
     template: str = "auto"
     chat_template: bool = False
+    trailing_space: Literal["prompt", "answer"] = "prompt"
+    """Which side of the prompt/answer token boundary a prompt's trailing whitespace ("Output: ") is
+    tokenised on, for decoder-only models. "prompt" is the published layout; "answer" gives a byte-level
+    BPE tokenizer the answer's first word with its leading space instead of a lone space token (the text
+    is the same; see docs/RESULTS.md for what it does to a real model's loss)."""
     max_source_length: int = Field(default=512, gt=0)
     max_target_length: int = Field(default=50, gt=0)
     max_train_examples: int | None = Field(default=None, gt=0)
@@ -145,6 +150,13 @@ class DataConfig(_Section):
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ValueError(f"a named order{hint}: one of {', '.join(ORDERS)}")
         return value
+
+    @model_validator(mode="after")
+    def _trailing_space_outside_chat(self) -> DataConfig:
+        if self.chat_template and self.trailing_space == "answer":
+            raise ValueError("trailing_space=answer is for plain prompts; a chat template's turn ends the prompt "
+                             "(set data.trailing_space=prompt or data.chat_template=false)")
+        return self
 
     @model_validator(mode="after")
     def _one_task_source(self) -> DataConfig:

@@ -29,7 +29,7 @@ def chat_tokenizer(llama_tokenizer):
 
 
 def recipe(**data: object) -> SimpleNamespace:
-    fields = {"chat_template": True, "max_source_length": 128, "max_target_length": 16}
+    fields = {"chat_template": True, "trailing_space": "prompt", "max_source_length": 128, "max_target_length": 16}
     return SimpleNamespace(data=SimpleNamespace(**{**fields, **data}))
 
 
@@ -111,6 +111,23 @@ def test_a_template_whose_turn_does_not_end_with_eos_is_a_clear_error(chat_token
 def test_chat_template_on_an_encoder_decoder_is_a_clear_error(t5_tokenizer) -> None:
     with pytest.raises(CLScaleError, match="encoder-decoder"):
         tokenize_examples(recipe(), t5_tokenizer, "seq2seq", examples(), prompts_only=False)
+
+
+def test_trailing_space_in_answer_on_an_encoder_decoder_is_a_clear_error(t5_tokenizer) -> None:
+    with pytest.raises(CLScaleError, match="data.trailing_space=prompt"):
+        tokenize_examples(recipe(chat_template=False, trailing_space="answer"), t5_tokenizer, "seq2seq", examples(),
+                          prompts_only=False)
+
+
+def test_trailing_space_in_answer_with_a_chat_template_is_refused_when_the_recipe_loads() -> None:
+    from pathlib import Path
+
+    from cl_scale.recipe import load_recipe
+
+    demo = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+    with pytest.raises(CLScaleError, match="trailing_space=answer is for plain prompts"):
+        load_recipe(demo, ["data.chat_template=true", "data.trailing_space=answer"])
+    assert load_recipe(demo, ["data.trailing_space=answer"]).data.trailing_space == "answer"
 
 
 def test_chat_template_without_a_template_stops_training_before_the_run_directory(tmp_path, tiny_llama_dir) -> None:

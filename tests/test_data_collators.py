@@ -66,6 +66,28 @@ def test_generation_prompt_equals_the_training_prompt(llama_tokenizer: Tokenizer
     assert prompt["input_ids"] == train["input_ids"][: sum(train["prompt_mask"])]
 
 
+def test_trailing_space_in_answer_tokenises_exactly_prompt_plus_answer(llama_tokenizer: Tokenizer, pair: Dataset) -> None:
+    def text(row: dict) -> str:
+        return llama_tokenizer.decode(row["input_ids"], skip_special_tokens=True)
+
+    moved, published = causal(pair, llama_tokenizer, space_in_answer=True), causal(pair, llama_tokenizer)
+    assert [text(row) for row in moved] == [p + t for p, t in zip(pair["prompt"], pair["target"])]
+    prompt = [t for t, m in zip(moved[0]["input_ids"], moved[0]["prompt_mask"]) if m]
+    assert llama_tokenizer.decode(prompt).endswith("Output:")
+    # Not vacuous: the published layout gives a SentencePiece answer its own word-start mark after the
+    # prompt's lone space token, so the sequence reads "Output:  a b c" (two spaces).
+    assert text(published[0]) != pair["prompt"][0] + pair["target"][0]
+
+
+def test_trailing_space_in_answer_gives_generation_the_training_prompt(
+    llama_tokenizer: Tokenizer, pair: Dataset
+) -> None:
+    train = causal(pair, llama_tokenizer, space_in_answer=True)[1]
+    prompt = tokenize_causal_prompts(pair, llama_tokenizer, max_source_length=64, space_in_answer=True)[1]
+    assert prompt["input_ids"] == train["input_ids"][: sum(train["prompt_mask"])]
+    assert prompt["input_ids"] != tokenize_causal_prompts(pair, llama_tokenizer, max_source_length=64)[1]["input_ids"]
+
+
 def test_long_prompt_is_cut_from_the_left_keeping_its_end(llama_tokenizer: Tokenizer) -> None:
     row = causal(examples([LONG_PROMPT], ["d c b a"]), llama_tokenizer, source=20)[0]
     prompt = row["input_ids"][: sum(row["prompt_mask"])]

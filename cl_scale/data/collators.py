@@ -49,6 +49,40 @@ def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [bos] if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else []
 
 
+def _split_space(prompt: str, space_in_answer: bool) -> tuple[str, str]:
+    """(the prompt's text as tokenised, the text the answer's tokens start with).
+
+    With `space_in_answer` the prompt's trailing whitespace ("Output: ") is tokenised with the answer, so
+    the answer starts with a word and its leading space, as byte-level BPE and SentencePiece tokenizers
+    saw it in pre-training, instead of a lone space token; prompt + answer is the same text either way."""
+    if not space_in_answer:
+        return prompt, ""
+    head = prompt.rstrip()
+    return head, prompt[len(head) :]
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str], space_in_answer: bool) -> list[list[int]]:
+    return _encode(tokenizer, [_split_space(p, space_in_answer)[0] for p in prompts])
+
+
+def _answer_ids(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], prompt_ids: list[list[int]], answers: list[str],
+    space_in_answer: bool,
+) -> list[list[int]]:
+    """The answers' ids as they follow their prompts. With `space_in_answer` they are read off the whole
+    text tokenised at once where it starts with the prompt's ids (so a tokenizer that marks word starts,
+    like SentencePiece, gives the answer's first word its usual token), else tokenised with the space."""
+    if not space_in_answer:
+        return _encode(tokenizer, answers)
+    splits = [_split_space(p, True) for p in prompts]
+    wholes = _encode(tokenizer, [head + space + answer for (head, space), answer in zip(splits, answers)])
+    spaced = _encode(tokenizer, [space + answer for (_, space), answer in zip(splits, answers)])
+    return [
+        whole[len(ids) :] if whole[: len(ids)] == ids else alone
+        for whole, ids, alone in zip(wholes, prompt_ids, spaced)
+    ]
+
+
 def _causal_prompt(bos: list[int], prompt: list[int], max_source_length: int) -> list[int]:
     """`bos` + the END of the prompt, so "Output: " always survives truncation."""
     keep = max_source_length - len(bos)
@@ -56,11 +90,14 @@ def _causal_prompt(bos: list[int], prompt: list[int], max_source_length: int) ->
 
 
 def _causal_batch(
-    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_source_length: int, max_target_length: int
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_source_length: int, max_target_length: int,
+    space_in_answer: bool,
 ) -> dict:
     eos, bos = _eos(tokenizer), _bos(tokenizer)
     rows: dict[str, list] = {"input_ids": [], "labels": [], "prompt_mask": []}
-    for prompt, answer in zip(_encode(tokenizer, batch["prompt"]), _encode(tokenizer, batch["target"])):
+    prompts = _prompt_ids(tokenizer, batch["prompt"], space_in_answer)
+    answers = _answer_ids(tokenizer, batch["prompt"], prompts, batch["target"], space_in_answer)
+    for prompt, answer in zip(prompts, answers):
         prompt = _causal_prompt(bos, prompt, max_source_length)
         answer = answer[: max_target_length - 1] + [eos]
         rows["input_ids"].append(prompt + answer)
@@ -69,9 +106,12 @@ def _causal_batch(
     return rows
 
 
-def _causal_prompt_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_source_length: int) -> dict:
+def _causal_prompt_batch(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_source_length: int, space_in_answer: bool
+) -> dict:
     bos = _bos(tokenizer)
-    prompts = [_causal_prompt(bos, p, max_source_length) for p in _encode(tokenizer, batch["prompt"])]
+    ids = _prompt_ids(tokenizer, batch["prompt"], space_in_answer)
+    prompts = [_causal_prompt(bos, p, max_source_length) for p in ids]
     return {"input_ids": prompts, "prompt_mask": [[1] * len(p) for p in prompts]}
 
 
@@ -111,6 +151,7 @@ def tokenize_causal(
     *,
     max_source_length: int,
     max_target_length: int,
+    space_in_answer: bool = False,
     cache_dir: Path | None = None,
 ) -> Dataset:
     """Training rows for a decoder-only model: [BOS] prompt + answer + EOS, loss on answer and EOS only.
@@ -118,19 +159,24 @@ def tokenize_causal(
 
     An over-long prompt is truncated FROM THE LEFT to max_source_length tokens (BOS included), keeping
     its end ("Output: ") next to the answer. The answer is cut only by max_target_length (EOS included,
-    EOS always kept). Prompt and answer are tokenised separately, exactly as generation sees the prompt.
+    EOS always kept). The prompt's ids are exactly those generation is given; `space_in_answer` moves the
+    prompt's trailing whitespace to the answer's side of the boundary (`data.trailing_space`).
     """
     _check_lengths(max_source_length, max_target_length)
-    kwargs = {"tokenizer": tokenizer, "max_source_length": max_source_length, "max_target_length": max_target_length}
+    kwargs = {
+        "tokenizer": tokenizer, "max_source_length": max_source_length, "max_target_length": max_target_length,
+        "space_in_answer": space_in_answer,
+    }
     return _tokenize(ds, "causal", _causal_batch, kwargs, cache_dir)
 
 
 def tokenize_causal_prompts(
-    ds: Dataset, tokenizer: PreTrainedTokenizerBase, *, max_source_length: int, cache_dir: Path | None = None
+    ds: Dataset, tokenizer: PreTrainedTokenizerBase, *, max_source_length: int, space_in_answer: bool = False,
+    cache_dir: Path | None = None,
 ) -> Dataset:
-    """Prompt-only rows for generation, truncated like `tokenize_causal`; no labels."""
+    """Prompt-only rows for generation, truncated and split from the answer like `tokenize_causal`; no labels."""
     _check_lengths(max_source_length, None)
-    kwargs = {"tokenizer": tokenizer, "max_source_length": max_source_length}
+    kwargs = {"tokenizer": tokenizer, "max_source_length": max_source_length, "space_in_answer": space_in_answer}
     return _tokenize(ds, "causal-prompts", _causal_prompt_batch, kwargs, cache_dir)
 
 

@@ -72,6 +72,13 @@ def tokenize_examples(
             "data.chat_template is for decoder-only instruct models; this model is an encoder-decoder",
             "set data.chat_template=false",
         )
+    space_in_answer = data.trailing_space == "answer"
+    if space_in_answer and kind == "seq2seq":
+        raise CLScaleError(
+            "data.trailing_space=answer moves a decoder-only prompt's trailing space into the answer; "
+            "this model is an encoder-decoder, whose answer starts a fresh decoder",
+            "set data.trailing_space=prompt",
+        )
     if kind == "seq2seq":
         if prompts_only and "target" not in examples.column_names:
             # The seq2seq tokeniser wants a target; an empty one is dropped with the labels it makes.
@@ -89,10 +96,13 @@ def tokenize_examples(
             max_target_length=data.max_target_length, prompts_only=prompts_only, cache_dir=cache_dir,
         )
     elif prompts_only:
-        rows = tokenize_causal_prompts(examples, tokenizer, max_source_length=data.max_source_length, cache_dir=cache_dir)
+        rows = tokenize_causal_prompts(
+            examples, tokenizer, max_source_length=data.max_source_length, space_in_answer=space_in_answer,
+            cache_dir=cache_dir,
+        )
     else:
         rows = tokenize_causal(
             examples, tokenizer, max_source_length=data.max_source_length,
-            max_target_length=data.max_target_length, cache_dir=cache_dir,
+            max_target_length=data.max_target_length, space_in_answer=space_in_answer, cache_dir=cache_dir,
         )
     return TaskRows(examples, rows, CausalCollator(tokenizer.pad_token_id))
