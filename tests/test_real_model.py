@@ -107,6 +107,15 @@ def test_training_rows_start_with_the_prompt_and_end_with_a_scored_eos(tokenizer
         assert scored == tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def test_trailing_space_in_answer_starts_the_answer_with_its_spaced_word(tokenizer: Tokenizer, sst2: Dataset) -> None:
+    rows = tokenize_causal(sst2, tokenizer, max_source_length=192, max_target_length=8, space_in_answer=True)
+    for row, prompt, target in zip(rows, sst2["prompt"], sst2["target"]):
+        scored = [t for t in row["labels"] if t != IGNORE_INDEX]
+        assert scored == tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert scored[0] not in tokenizer(target, add_special_tokens=False)["input_ids"]  # the layout did move
+        assert tokenizer.decode(row["input_ids"]) == prompt + target + tokenizer.eos_token
+
+
 def test_truncated_prompts_keep_output_cue(tokenizer: Tokenizer, sst2: Dataset) -> None:
     rows = tokenize_causal_prompts(sst2, tokenizer, max_source_length=12)
     for row in rows:
@@ -262,7 +271,7 @@ def test_one_and_two_ranks_give_the_same_snapshots(worlds: dict[int, Path]) -> N
 def _chat_rows(folder: Path, tokenizer: Tokenizer, sst2: Dataset, *, prompts_only: bool) -> Dataset:
     from cl_scale.data.pipeline import tokenize_examples
 
-    recipe = load_recipe(RECIPE, [f"model.path={folder}", "data.chat_template=true"])
+    recipe = load_recipe(RECIPE, [f"model.path={folder}", "data.chat_template=true", "data.trailing_space=prompt"])
     examples = sst2 if not prompts_only else sst2.remove_columns("target")
     return tokenize_examples(recipe, tokenizer, "causal", examples, prompts_only=prompts_only).rows
 

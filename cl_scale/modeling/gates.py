@@ -72,17 +72,21 @@ class GateBank(nn.Module):
         self.num_gates += 1
         return index
 
-    def forward(self, xbar: torch.Tensor) -> torch.Tensor:
-        """Coefficients (batch, tasks) for gate inputs `xbar` (batch, d)."""
-        gates = [self.gate(i) for i in range(self.num_gates)]
-        w1 = torch.stack([g[0] for g in gates])  # (T, h, d)
-        w2 = torch.stack([g[1] for g in gates])  # (T, d, h)
-        keys = torch.stack([g[2] for g in gates])  # (T, d)
+    def mlp_outputs(self, xbar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, hidden, output) of every gate's MLP on gate inputs `xbar` (batch, d): x is `xbar` in the
+        gates' dtype, hidden (batch, tasks, h), output g_i(xbar) (batch, tasks, d)."""
+        w1 = torch.stack([self.gate(i)[0] for i in range(self.num_gates)])  # (T, h, d)
+        w2 = torch.stack([self.gate(i)[1] for i in range(self.num_gates)])  # (T, d, h)
         x = xbar.to(w1.dtype)
         hidden = F.silu(torch.einsum("bd,thd->bth", x, w1))
-        output = F.silu(torch.einsum("bth,tdh->btd", hidden, w2))
+        return x, hidden, F.silu(torch.einsum("bth,tdh->btd", hidden, w2))
+
+    def forward(self, xbar: torch.Tensor) -> torch.Tensor:
+        """Coefficients (batch, tasks) for gate inputs `xbar` (batch, d)."""
+        x, hidden, output = self.mlp_outputs(xbar)
         if self.observer is not None:
             self.observer(x, hidden[:, -1], output[:, -1])
+        keys = torch.stack([self.gate(i)[2] for i in range(self.num_gates)])  # (T, d)
         cosine = F.cosine_similarity(output, keys.unsqueeze(0), dim=-1)
         return gate_coefficient(cosine)
 
