@@ -50,7 +50,8 @@ def main() -> None:
             sets = [f"model.path={args.model}", f"data.trailing_space={layout}", f"data.max_eval_examples={args.examples}"]
             recipe = load_recipe(RECIPE, sets)
             tokenizer = load_tokenizer(recipe.model)
-            rows = prepare_task(recipe, tokenizer, "causal", task, "test", prompts_only=False, cache_dir=None).rows
+            rows = prepare_task(recipe.data, recipe.train.seed, tokenizer, "causal", task, "test", prompts_only=False,
+                                cache_dir=None).rows
             firsts, means = zip(*(answer_nll(model, row) for row in rows))
             print(f"{task:<8} {layout:<8} {sum(firsts) / len(firsts):>16.2f} {sum(means) / len(means):>11.2f}", flush=True)
 

@@ -47,8 +47,8 @@ def main(argv: list[str]) -> None:
         tasks = resolve_tasks(recipe.data.order, recipe.data.tasks)
         ds_config = build_ds_config(recipe, dist_utils.world_size())
         state = build_state(recipe, ds_config, len(tasks))
-        rows = dist_utils.main_first(prepare_task, recipe, state.tokenizer, state.kind, tasks[0], "train",
-                                     prompts_only=False, cache_dir=cache_root() / "tokenized")
+        rows = dist_utils.main_first(prepare_task, recipe.data, recipe.train.seed, state.tokenizer, state.kind,
+                                     tasks[0], "train", prompts_only=False, cache_dir=cache_root() / "tokenized")
         state.method.grow(0, stage_generator(recipe, 0))
         trainable = state.method.trainable_parameters(0)
         optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr)

@@ -41,7 +41,8 @@ def main() -> None:
     exact, routed, own = {}, {}, {}
     for index, task in enumerate(stage.tasks):
         exact[task] = evaluate_task(model, recipe, stage.tokenizer, stage.kind, task, cache_dir=None).score
-        rows = prepare_task(recipe, stage.tokenizer, stage.kind, task, "test", prompts_only=True, cache_dir=None)
+        rows = prepare_task(recipe.data, recipe.train.seed, stage.tokenizer, stage.kind, task, "test", prompts_only=True,
+                            cache_dir=None)
         coefs = gate_coefficients(model, rows, batch_size=recipe.eval.batch_size)
         own[task] = (coefs.argmax(dim=-1) == index).float().mean().item()
         handle = model.gates.register_forward_hook(largest_gate_only)

@@ -62,7 +62,8 @@ def _prompt_rows(stage, task: str, examples: int):
     """The first `examples` test prompts of `task` (the runs' own test subset), tokenised as in evaluation."""
     from cl_scale.data.pipeline import TaskRows, prepare_task
 
-    rows = prepare_task(stage.recipe, stage.tokenizer, stage.kind, task, "test", prompts_only=True, cache_dir=None)
+    rows = prepare_task(stage.recipe.data, stage.recipe.train.seed, stage.tokenizer, stage.kind, task, "test",
+                        prompts_only=True, cache_dir=None)
     keep = list(range(min(examples, len(rows.rows))))
     return TaskRows(rows.examples.select(keep), rows.rows.select(keep), rows.collate)
 

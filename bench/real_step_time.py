@@ -160,7 +160,8 @@ def main() -> None:
         configs = {"inclora_zero2": build_ds_config(zero2, 1), "inclora": build_ds_config(recipe, 1)}
         states = {name: build_state(recipe, config, num_tasks=1) for name, config in configs.items()}
         state = states["inclora"]
-        rows = prepare_task(recipe, state.tokenizer, "causal", task, "train", prompts_only=False, cache_dir=None)
+        rows = prepare_task(recipe.data, recipe.train.seed, state.tokenizer, "causal", task, "train", prompts_only=False,
+                            cache_dir=None)
         groups = [list(range(i * args.batch, (i + 1) * args.batch)) for i in range(args.batches)]
         batches = [rows.batch(g) for g in groups]
         tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)

@@ -25,6 +25,8 @@ from cl_scale import distributed as dist_utils
 from cl_scale.errors import read_json
 
 if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
     from cl_scale.recipe import Recipe
 
 CHECKPOINT_DIR = "checkpoint"
@@ -79,7 +81,7 @@ def newest_complete(root: Path, expected: dict[str, int]) -> Resumable | None:
     return best
 
 
-def save(engine: Any, root: Path, step: int, log: list[dict[str, Any]], recipe: Recipe) -> None:
+def save(engine: DeepSpeedEngine, root: Path, step: int, log: list[dict[str, Any]], recipe: Recipe) -> None:
     """Write the engine checkpoint of `step` on every rank, then mark it complete and drop older ones. Collective."""
     tag = _tag(step)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False, exclude_frozen_parameters=True)
@@ -96,7 +98,7 @@ def save(engine: Any, root: Path, step: int, log: list[dict[str, Any]], recipe: 
     dist_utils.barrier()
 
 
-def load(engine: Any, checkpoint: Resumable) -> None:
+def load(engine: DeepSpeedEngine, checkpoint: Resumable) -> None:
     """Put the engine, optimizer, scheduler and this rank's RNG where the checkpoint left them. Collective."""
     engine.load_checkpoint(
         str(checkpoint.root), tag=checkpoint.tag, load_optimizer_states=True, load_lr_scheduler_states=True,

@@ -29,6 +29,7 @@ from cl_scale.rundir import METHOD_STATE, RECIPE_YAML, SNAPSHOT
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     from cl_scale.methods.base import Method
     from cl_scale.modeling.wrapper import ContinualModel
@@ -43,7 +44,7 @@ class ContinualState:
     kind: str
     model: ContinualModel
     method: Method
-    zero3_handle: Any
+    zero3_handle: HfDeepSpeedConfig | None
     """Keeps transformers' ZeRO-3 integration alive while the model is in use."""
 
 

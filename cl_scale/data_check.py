@@ -5,7 +5,7 @@ Above `data/` (it loads tokenizers and built-in models through `modeling/`), so 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -19,6 +19,9 @@ from cl_scale.data.own_tasks import own_split_size, split_path
 from cl_scale.data.tasks import SYNTHETIC_ROOT, load_task, task_info
 from cl_scale.errors import CLScaleError
 from cl_scale.modeling.builtin_specs import BUILTIN_PREFIX
+
+if TYPE_CHECKING:
+    from cl_scale.recipe import ModelConfig, Recipe
 
 
 def _split_size(info: TaskInfo, split: str, synthetic_sizes: tuple[int, int]) -> str:
@@ -58,7 +61,7 @@ def list_tasks_cli(root: str) -> None:
     Console().print(_sizes_table(infos, (DEFAULT_N_TRAIN, DEFAULT_N_TEST)))
 
 
-def _recipe_tokenizer(model_cfg: Any) -> tuple[PreTrainedTokenizerBase | None, str]:
+def _recipe_tokenizer(model_cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase | None, str]:
     """The recipe's tokenizer, or None and the reason: the report still helps without one."""
     try:
         if model_cfg.path.startswith(BUILTIN_PREFIX):
@@ -81,7 +84,7 @@ def _stats_cells(stats: LengthStats) -> list[str]:
     ]
 
 
-def check_recipe_cli(recipe: Any) -> None:
+def check_recipe_cli(recipe: Recipe) -> None:
     """Print split sizes and prompt/answer lengths of every task of a recipe, and how many would be cut."""
     data = recipe.data
     tasks = resolve_tasks(data.order, data.tasks)

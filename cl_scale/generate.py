@@ -77,7 +77,7 @@ def prompt_rows(prompts: list[str], tokenizer: PreTrainedTokenizerBase, kind: st
     from cl_scale.data.pipeline import tokenize_examples
 
     examples = Dataset.from_dict({"id": [f"input-{i}" for i in range(len(prompts))], "prompt": prompts})
-    return tokenize_examples(recipe, tokenizer, kind, examples, prompts_only=True)
+    return tokenize_examples(recipe.data, tokenizer, kind, examples, prompts_only=True)
 
 
 def _shorten(text: str, width: int = 120) -> str:

@@ -11,9 +11,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 
 def format_duration(seconds: float) -> str:
@@ -39,7 +42,7 @@ class Bar:
     """One counted activity (`label`, `total` items). `update` after each item with the fields to show."""
 
     def __init__(self, label: str, total: int, *, every: int, interval_s: float, console: Console | None,
-                 done: int = 0, rich_progress: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 done: int = 0, rich_progress: Progress | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.label, self.total, self.every, self.interval_s = label, total, every, interval_s
         self.console, self.rich_progress, self.clock = console, rich_progress, clock
         self.started = self.last_line = clock()

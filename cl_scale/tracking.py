@@ -12,10 +12,13 @@ from __future__ import annotations
 import copy
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cl_scale import distributed as dist_utils
 from cl_scale.errors import CLScaleError
+
+if TYPE_CHECKING:
+    from cl_scale.recipe import Recipe
 
 MONITORS = ("tensorboard", "wandb", "csv_monitor", "comet")
 TENSORBOARD_DIR = "tensorboard"
@@ -23,7 +26,7 @@ TENSORBOARD_DIR = "tensorboard"
 _DEFAULT_JOB = {"tensorboard": TENSORBOARD_DIR, "csv_monitor": "csv_monitor"}
 
 
-def monitor_sections(recipe: Any, ds_config: dict[str, Any], run_path: Path) -> dict[str, dict[str, Any]]:
+def monitor_sections(recipe: Recipe, ds_config: dict[str, Any], run_path: Path) -> dict[str, dict[str, Any]]:
     """The enabled monitor sections, file outputs placed in the run directory unless the config says where."""
     sections = {name: copy.deepcopy(ds_config.get(name) or {}) for name in MONITORS}
     if recipe.train.tensorboard:
@@ -40,7 +43,7 @@ _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet": "comet_ml"
 """The package each monitor needs (the CSV monitor needs none)."""
 
 
-def require_monitor_packages(recipe: Any, ds_config: dict[str, Any]) -> None:
+def require_monitor_packages(recipe: Recipe, ds_config: dict[str, Any]) -> None:
     """Fail before any work when an enabled monitor's package is missing.
 
     Checked on every rank (same environment everywhere): only rank 0 opens the monitor, so a missing
@@ -93,7 +96,7 @@ class Tracker:
             wandb.finish()
 
 
-def open_tracker(recipe: Any, ds_config: dict[str, Any], run_path: Path) -> Tracker | None:
+def open_tracker(recipe: Recipe, ds_config: dict[str, Any], run_path: Path) -> Tracker | None:
     """The run's tracker on rank 0 when any monitor is enabled; None elsewhere."""
     sections = monitor_sections(recipe, ds_config, run_path)
     if not sections or not dist_utils.is_main():

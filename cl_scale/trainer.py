@@ -24,7 +24,7 @@ from cl_scale import checkpoint
 from cl_scale import distributed as dist_utils
 from cl_scale.distributed import ZeroAccess
 from cl_scale.errors import CLScaleError, StopRequested
-from cl_scale.progress import ReportedBatches, Reporter
+from cl_scale.progress import Bar, ReportedBatches, Reporter
 from cl_scale.rundir import TRAIN_LOG
 from cl_scale.stage_runner import ShardBatches, StageRunner
 from cl_scale.tracking import Tracker, engine_config, open_tracker, require_monitor_packages
@@ -36,35 +36,44 @@ from cl_scale.training_log import (
 from cl_scale.warnings_filter import quiet_known_warnings
 
 if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from rich.console import Console
+
+    from cl_scale.continual_state import ContinualState
     from cl_scale.data.pipeline import TaskRows
+    from cl_scale.evaluation.generation import TaskResult
+    from cl_scale.methods.base import Method
+    from cl_scale.modeling.wrapper import ContinualModel
+    from cl_scale.recipe import Recipe
+    from cl_scale.rundir import RunDir
 
 
 @dataclass
 class Session:
     """Everything that lives for the whole run (all stages)."""
 
-    recipe: Any
-    run: Any
+    recipe: Recipe
+    run: RunDir
     tasks: list[str]
-    state: Any
+    state: ContinualState
     ds_config: dict[str, Any]
     cache_dir: Path
-    console: Any
+    console: Console
     tracker: Tracker | None
     reporter: Reporter
     planned_steps: list[int | None]
     """Optimizer steps of every stage, for the run's ETA (rank 0; None where unknown)."""
 
     @property
-    def model(self) -> Any:
+    def model(self) -> ContinualModel:
         return self.state.model
 
     @property
-    def method(self) -> Any:
+    def method(self) -> Method:
         return self.state.method
 
 
-def run_training(recipe: Any, *, resume: bool, run_dir: str | Path | None, allow_changed_recipe: bool) -> Path:
+def run_training(recipe: Recipe, *, resume: bool, run_dir: str | Path | None, allow_changed_recipe: bool) -> Path:
     """Train the whole task sequence of `recipe`; returns the run directory."""
     import datasets
 
@@ -112,7 +121,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _open_run_dir(recipe: Any, path: Path, tasks: list[str], *, resume: bool, allow_changed_recipe: bool) -> Any:
+def _open_run_dir(recipe: Recipe, path: Path, tasks: list[str], *, resume: bool, allow_changed_recipe: bool) -> RunDir:
     """Create the run directory, or reopen it for --resume after checking the recipe did not change."""
     from cl_scale import rundir
     from cl_scale.recipe import diff_recipes, recipe_to_dict, recipe_to_yaml
@@ -155,7 +164,7 @@ def _open_run_dir(recipe: Any, path: Path, tasks: list[str], *, resume: bool, al
     return rundir.RunDir(path, dist_utils.run_on_main(open_or_create))
 
 
-def _resume_point(run: Any, recipe: Any) -> dict[str, Any]:
+def _resume_point(run: RunDir, recipe: Recipe) -> dict[str, Any]:
     """Where a resumed session picks up: the first stage not committed (0-based index, as in `stages`),
     its task (None when every stage is done) and the optimizer steps of it already done."""
     index = run.finished_prefix()
@@ -167,7 +176,7 @@ def _resume_point(run: Any, recipe: Any) -> dict[str, Any]:
     return {"index": index, "task": run.tasks[index], "step": 0 if resumable is None else resumable.step}
 
 
-def _start_session(recipe: Any, run: Any, tasks: list[str], ds_config: dict[str, Any]) -> Session:
+def _start_session(recipe: Recipe, run: RunDir, tasks: list[str], ds_config: dict[str, Any]) -> Session:
     from rich.console import Console
 
     from cl_scale.continual_state import build_state
@@ -203,7 +212,7 @@ def _lr_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def _parameter_counts(model: Any, trainable: list[torch.nn.Parameter]) -> dict[str, Any]:
+def _parameter_counts(model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> dict[str, Any]:
     """Total, trainable and every rank's resident parameter counts (partitions under ZeRO-3). Collective."""
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     resident = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
@@ -218,7 +227,7 @@ def _stage_label(session: Session, index: int) -> str:
     return f"stage {index + 1}/{len(session.tasks)} {session.tasks[index]}"
 
 
-def _run_remaining_s(session: Session, index: int, bar: Any) -> float | None:
+def _run_remaining_s(session: Session, index: int, bar: Bar) -> float | None:
     """This stage's remaining time plus the later stages' steps at this stage's rate (training only)."""
     later = session.planned_steps[index + 1:]
     remaining, per_step = bar.remaining_s(), bar.seconds_per_item()
@@ -233,7 +242,7 @@ class StageOutcome:
 
     snapshot: dict[str, torch.Tensor]
     log: list[dict[str, Any]]
-    results: dict[str, Any]
+    results: dict[str, TaskResult]
     counts: dict[str, Any]
 
 
@@ -244,8 +253,8 @@ def _train_stage(session: Session, index: int) -> None:
     session.console.rule(f"[bold]stage {index + 1}/{len(session.tasks)}: {task}")
     torch.manual_seed(recipe.train.seed + index)  # dropout: a resumed stage draws what an uninterrupted one does
     train_rows = dist_utils.main_first(
-        prepare_task, recipe, session.state.tokenizer, session.state.kind, task, "train", prompts_only=False,
-        cache_dir=session.cache_dir,
+        prepare_task, recipe.data, recipe.train.seed, session.state.tokenizer, session.state.kind, task, "train",
+        prompts_only=False, cache_dir=session.cache_dir,
     )
     outcome = _run_engine(session, index, train_rows)
     gc.collect()  # measured once the engine is gone, so growth from stage to stage is what engines leave behind
@@ -295,7 +304,9 @@ def _run_engine(session: Session, index: int, train_rows: TaskRows) -> StageOutc
         return StageOutcome(snapshot, log, _evaluate_stage(session, engine, index), counts)
 
 
-def _train_epochs(session: Session, engine: Any, runner: StageRunner, train_rows: TaskRows) -> list[dict[str, Any]]:
+def _train_epochs(
+    session: Session, engine: DeepSpeedEngine, runner: StageRunner, train_rows: TaskRows
+) -> list[dict[str, Any]]:
     from cl_scale.sharding import training_batches
 
     recipe, task = session.recipe, session.tasks[runner.task_index]
@@ -367,7 +378,7 @@ def _train_epochs(session: Session, engine: Any, runner: StageRunner, train_rows
     return log
 
 
-def _progress_fields(record: dict[str, Any], session: Session, index: int, bar: Any) -> dict[str, Any]:
+def _progress_fields(record: dict[str, Any], session: Session, index: int, bar: Bar) -> dict[str, Any]:
     """A step record as progress shows it: every loss term, lr, grad norm, tokens/s, the run's ETA."""
     from cl_scale.progress import format_duration
 
@@ -386,7 +397,7 @@ def _snapshot(session: Session) -> dict[str, torch.Tensor]:
     return {n: v.contiguous() for n, v in zip(names, values)}
 
 
-def _evaluate_stage(session: Session, engine: Any, index: int) -> dict[str, Any]:
+def _evaluate_stage(session: Session, engine: DeepSpeedEngine, index: int) -> dict[str, TaskResult]:
     from cl_scale.evaluation.generation import evaluate_task
 
     if index not in session.recipe.eval.evaluated_stages(len(session.tasks)):

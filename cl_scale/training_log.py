@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import torch
 
 from cl_scale import distributed as dist_utils
 
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
-def step_record(engine: Any, sums: dict[str, torch.Tensor], accumulation: int, tokens: torch.Tensor,
+
+def step_record(engine: DeepSpeedEngine, sums: dict[str, torch.Tensor], accumulation: int, tokens: torch.Tensor,
                 started: float, epoch: int, step: int, *, stop_requested: bool = False) -> tuple[dict[str, Any], bool]:
     """One optimizer step's log line (every loss term averaged over all ranks' micro-batches), and whether
     any rank was asked to stop.

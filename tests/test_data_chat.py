@@ -28,9 +28,10 @@ def chat_tokenizer(llama_tokenizer):
     return tokenizer
 
 
-def recipe(**data: object) -> SimpleNamespace:
+def data_section(**data: object) -> SimpleNamespace:
+    """The recipe's data section, as far as tokenising reads it."""
     fields = {"chat_template": True, "trailing_space": "prompt", "max_source_length": 128, "max_target_length": 16}
-    return SimpleNamespace(data=SimpleNamespace(**{**fields, **data}))
+    return SimpleNamespace(**{**fields, **data})
 
 
 def examples(prompt: str = PROMPT, answer: str = ANSWER):
@@ -47,7 +48,7 @@ def rendered_prompt(prompt: str = PROMPT) -> str:
 
 
 def train_row(tokenizer, **data: object) -> dict:
-    return tokenize_examples(recipe(**data), tokenizer, "causal", examples(), prompts_only=False).rows[0]
+    return tokenize_examples(data_section(**data), tokenizer, "causal", examples(), prompts_only=False).rows[0]
 
 
 def test_training_row_is_the_rendered_prompt_then_the_answer_and_its_end_of_turn(chat_tokenizer) -> None:
@@ -67,7 +68,7 @@ def test_loss_falls_on_the_answer_and_end_of_turn_only(chat_tokenizer) -> None:
 
 def test_gate_reads_the_same_prompt_tokens_in_training_and_generation(chat_tokenizer) -> None:
     row = train_row(chat_tokenizer)
-    generation = tokenize_examples(recipe(), chat_tokenizer, "causal", examples(), prompts_only=True).rows[0]
+    generation = tokenize_examples(data_section(), chat_tokenizer, "causal", examples(), prompts_only=True).rows[0]
     gated = [t for t, m in zip(row["input_ids"], row["prompt_mask"]) if m]
     assert gated == generation["input_ids"] == ids(chat_tokenizer, rendered_prompt())
     assert generation["prompt_mask"] == [1] * len(generation["input_ids"])
@@ -75,7 +76,7 @@ def test_gate_reads_the_same_prompt_tokens_in_training_and_generation(chat_token
 
 def test_an_over_long_prompt_loses_its_start_not_the_template(chat_tokenizer) -> None:
     long_prompt = " ".join(f"word{i}" for i in range(200)) + "\nOutput: "
-    rows = tokenize_examples(recipe(max_source_length=40), chat_tokenizer, "causal", examples(long_prompt),
+    rows = tokenize_examples(data_section(max_source_length=40), chat_tokenizer, "causal", examples(long_prompt),
                              prompts_only=True).rows[0]["input_ids"]
     text = chat_tokenizer.decode(rows)
     assert len(rows) <= 40 and text.startswith("<s><|user|>\n") and text.endswith("Output: \n<|assistant|>\n")
@@ -83,8 +84,8 @@ def test_an_over_long_prompt_loses_its_start_not_the_template(chat_tokenizer) ->
 
 
 def test_a_long_answer_is_cut_but_keeps_its_end_of_turn(chat_tokenizer) -> None:
-    row = tokenize_examples(recipe(max_target_length=3), chat_tokenizer, "causal", examples(answer="one two three four"),
-                            prompts_only=False).rows[0]
+    row = tokenize_examples(data_section(max_target_length=3), chat_tokenizer, "causal",
+                            examples(answer="one two three four"), prompts_only=False).rows[0]
     learnt = [t for t in row["labels"] if t != IGNORE_INDEX]
     assert learnt == [*ids(chat_tokenizer, "one two three four")[:2], chat_tokenizer.eos_token_id]
 
@@ -110,13 +111,13 @@ def test_a_template_whose_turn_does_not_end_with_eos_is_a_clear_error(chat_token
 
 def test_chat_template_on_an_encoder_decoder_is_a_clear_error(t5_tokenizer) -> None:
     with pytest.raises(CLScaleError, match="encoder-decoder"):
-        tokenize_examples(recipe(), t5_tokenizer, "seq2seq", examples(), prompts_only=False)
+        tokenize_examples(data_section(), t5_tokenizer, "seq2seq", examples(), prompts_only=False)
 
 
 def test_trailing_space_in_answer_on_an_encoder_decoder_is_a_clear_error(t5_tokenizer) -> None:
     with pytest.raises(CLScaleError, match="data.trailing_space=prompt"):
-        tokenize_examples(recipe(chat_template=False, trailing_space="answer"), t5_tokenizer, "seq2seq", examples(),
-                          prompts_only=False)
+        tokenize_examples(data_section(chat_template=False, trailing_space="answer"), t5_tokenizer, "seq2seq",
+                          examples(), prompts_only=False)
 
 
 def test_trailing_space_in_answer_with_a_chat_template_is_refused_when_the_recipe_loads() -> None:

@@ -273,7 +273,7 @@ def _chat_rows(folder: Path, tokenizer: Tokenizer, sst2: Dataset, *, prompts_onl
 
     recipe = load_recipe(RECIPE, [f"model.path={folder}", "data.chat_template=true", "data.trailing_space=prompt"])
     examples = sst2 if not prompts_only else sst2.remove_columns("target")
-    return tokenize_examples(recipe, tokenizer, "causal", examples, prompts_only=prompts_only).rows
+    return tokenize_examples(recipe.data, tokenizer, "causal", examples, prompts_only=prompts_only).rows
 
 
 def test_chat_template_prompt_is_the_models_own_user_turn(folder: Path, tokenizer: Tokenizer, sst2: Dataset) -> None:

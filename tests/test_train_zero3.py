@@ -65,8 +65,8 @@ def test_a_successful_two_rank_launch_exits_zero_on_every_rank(launched) -> None
 def _task_one_gate_inputs(recipe_path: Path) -> torch.Tensor:
     """xbar of every task-1 training example: mean frozen input embedding over its prompt tokens."""
     recipe = load_recipe(recipe_path)
-    rows = prepare_task(recipe, load_tokenizer(recipe.model), "causal", "reverse", "train", prompts_only=False,
-                        cache_dir=None)
+    rows = prepare_task(recipe.data, recipe.train.seed, load_tokenizer(recipe.model), "causal", "reverse", "train",
+                        prompts_only=False, cache_dir=None)
     batch = rows.batch(list(range(len(rows.rows))))
     base = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=DTYPES[recipe.model.dtype])
     with torch.no_grad():

@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from datasets import Dataset
 
 from cl_scale.data.examples import draw_target, make_examples, subset_indices
 from cl_scale.data.names import unknown_name
 from cl_scale.errors import CLScaleError
+
+if TYPE_CHECKING:
+    from cl_scale.data.own_tasks import TaskFiles
 
 SPLITS = ("train", "dev", "test")
 _SOURCE = "the public O-LoRA / GainLoRA repositories (folder CL_Benchmark)"
@@ -28,8 +31,8 @@ class TaskInfo:
     name: str
     benchmark: str
     path: Path | None
-    files: Any = None
-    """An own task's recipe entry (cl_scale.data.own_tasks.TaskFiles); None for benchmark and built-in tasks."""
+    files: TaskFiles | None = None
+    """An own task's recipe entry (data.tasks written as a mapping); None for benchmark and built-in tasks."""
 
 
 def default_metric(info: TaskInfo) -> Literal["rouge", "exact"]:

@@ -1,4 +1,4 @@
-"""From a recipe and a task name to tokenised rows and the collator that batches them."""
+"""From the recipe's data section and a task name to tokenised rows and the collator that batches them."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cl_scale.data.collators import (
     tokenize_causal_prompts,
     tokenize_seq2seq,
 )
-from cl_scale.data.tasks import load_task
+from cl_scale.data.tasks import DataConfig, load_task
 from cl_scale.errors import CLScaleError
 
 
@@ -42,7 +42,8 @@ class TaskRows:
 
 
 def prepare_task(
-    recipe: Any,
+    data: DataConfig,
+    seed: int,
     tokenizer: PreTrainedTokenizerBase,
     kind: str,
     task: str,
@@ -51,13 +52,16 @@ def prepare_task(
     prompts_only: bool,
     cache_dir: Path | None,
 ) -> TaskRows:
-    """Load `task`'s `split` and tokenise it: with answers for training, prompts only for generation."""
-    examples = load_task(recipe.data, task, split, seed=recipe.train.seed)
-    return tokenize_examples(recipe, tokenizer, kind, examples, prompts_only=prompts_only, cache_dir=cache_dir)
+    """Load `task`'s `split` and tokenise it: with answers for training, prompts only for generation.
+
+    `seed` is the data seed (capped subsets, the built-in suite): the recipe's train.seed.
+    """
+    examples = load_task(data, task, split, seed=seed)
+    return tokenize_examples(data, tokenizer, kind, examples, prompts_only=prompts_only, cache_dir=cache_dir)
 
 
 def tokenize_examples(
-    recipe: Any,
+    data: DataConfig,
     tokenizer: PreTrainedTokenizerBase,
     kind: str,
     examples: Dataset,
@@ -65,8 +69,7 @@ def tokenize_examples(
     prompts_only: bool,
     cache_dir: Path | None = None,
 ) -> TaskRows:
-    """Tokenise examples (columns id, prompt, and target unless prompts_only) with the recipe's limits."""
-    data = recipe.data
+    """Tokenise examples (columns id, prompt, and target unless prompts_only) with the data section's limits."""
     if data.chat_template and kind == "seq2seq":
         raise CLScaleError(
             "data.chat_template is for decoder-only instruct models; this model is an encoder-decoder",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 from datasets import Dataset
 
@@ -33,6 +33,8 @@ class DataConfig(Protocol):
     order: str | None
     tasks: list[str | TaskFiles] | None
     template: str
+    chat_template: bool
+    trailing_space: Literal["prompt", "answer"]
     max_source_length: int
     max_target_length: int
     max_train_examples: int | None

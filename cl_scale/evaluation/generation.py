@@ -16,6 +16,9 @@ from torch import nn
 from cl_scale import distributed as dist_utils
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from cl_scale.data.pipeline import TaskRows
     from cl_scale.recipe import Recipe
 
 
@@ -41,7 +44,7 @@ def metric_for(recipe: Recipe, task: str) -> str:
 
 
 def generate_texts(
-    model: nn.Module, task_rows: Any, tokenizer: Any, *, batch_size: int, max_new_tokens: int
+    model: nn.Module, task_rows: TaskRows, tokenizer: PreTrainedTokenizerBase, *, batch_size: int, max_new_tokens: int
 ) -> list[str]:
     """Greedy answers for every row of `task_rows`, in order, on every rank.
 
@@ -68,14 +71,16 @@ def generate_texts(
 
 
 def evaluate_task(
-    model: nn.Module, recipe: Any, tokenizer: Any, kind: str, task: str, *, cache_dir: Path | None,
-    max_examples: int | None = None,
+    model: nn.Module, recipe: Recipe, tokenizer: PreTrainedTokenizerBase, kind: str, task: str, *,
+    cache_dir: Path | None, max_examples: int | None = None,
 ) -> TaskResult:
     """Generate on `task`'s test split and score it (task mean of per-example scores)."""
     from cl_scale.data.pipeline import prepare_task
     from cl_scale.evaluation.scoring import score_predictions
 
-    rows = prepare_task(recipe, tokenizer, kind, task, "test", prompts_only=True, cache_dir=cache_dir)
+    rows = prepare_task(
+        recipe.data, recipe.train.seed, tokenizer, kind, task, "test", prompts_only=True, cache_dir=cache_dir
+    )
     if max_examples is not None and max_examples < len(rows.rows):
         keep = list(range(max_examples))
         rows = type(rows)(rows.examples.select(keep), rows.rows.select(keep), rows.collate)

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -24,6 +24,9 @@ from cl_scale.atomic import write_json, write_text, write_with
 from cl_scale.errors import CLScaleError
 from cl_scale.evaluation.diagnostics import BranchDiagnostics
 from cl_scale.evaluation.metrics import Matrix, Metrics, ap_after_each_stage, num_tasks
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 MATRIX_JSON = "matrix.json"
 MATRIX_CSV = "matrix.csv"
@@ -88,7 +91,7 @@ def _save_png(path: Path, fig: Figure) -> None:
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
-def _draw_heatmap(fig: Figure, ax: Any, R: Matrix, task_names: Sequence[str], title: str | None = None) -> None:
+def _draw_heatmap(fig: Figure, ax: Axes, R: Matrix, task_names: Sequence[str], title: str | None = None) -> None:
     """Heat map of R on a 0-100 colour scale, each evaluated cell annotated, missing cells blank."""
     T = len(task_names)
     values = np.array([[np.nan if v is None else float(v) for v in row] for row in R])

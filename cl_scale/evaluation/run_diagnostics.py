@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +17,9 @@ from cl_scale import atomic
 from cl_scale.errors import CLScaleError, read_safetensors
 from cl_scale.evaluation.diagnostics import BranchDiagnostics, Branches, branch_diagnostics
 from cl_scale.rundir import parse_branch_tensor_name
+
+if TYPE_CHECKING:
+    from cl_scale.recipe import MethodConfig
 
 DIAGNOSTICS_JSON = "diagnostics.json"
 
@@ -50,7 +53,7 @@ def snapshot_branches(path: Path, rank: int) -> Branches:
     return branches
 
 
-def run_branch_diagnostics(snapshot: Path, method_cfg: Any) -> BranchDiagnostics | None:
+def run_branch_diagnostics(snapshot: Path, method_cfg: MethodConfig) -> BranchDiagnostics | None:
     """N-LoRA's collision rate and orthogonality of the snapshot's branches; None with fewer than two."""
     branches = snapshot_branches(snapshot, method_cfg.rank)
     if not branches or len(next(iter(branches.values()))) < 2:

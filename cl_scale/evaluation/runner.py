@@ -9,10 +9,10 @@ run's own matrix files, so a quick look can never replace a good result with a p
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cl_scale import distributed as dist_utils
 from cl_scale.continual_state import open_run_recipe
@@ -20,6 +20,15 @@ from cl_scale.errors import CLScaleError
 from cl_scale.evaluation.metrics import Metrics
 from cl_scale.methods import method_class
 from cl_scale.recipe import MethodConfig
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from cl_scale.continual_state import StageModel
+    from cl_scale.evaluation.generation import TaskResult
+    from cl_scale.recipe import Recipe
+    from cl_scale.rundir import RunDir
 
 QUICK_LOOK = "quick-look"
 """Folder of a run that receives `--max-examples` results."""
@@ -43,12 +52,12 @@ def method_label(method_cfg: MethodConfig) -> str:
     return method_class(method_cfg.name).label(method_cfg)
 
 
-def order_label(run: Any) -> str:
+def order_label(run: RunDir) -> str:
     """The run's named task order, or its tasks in order when the recipe listed them."""
     return run.manifest.get("order") or " → ".join(run.tasks)
 
 
-def _console() -> Any:
+def _console() -> Console:
     from rich.console import Console
 
     return Console(quiet=not dist_utils.is_main())
@@ -60,7 +69,7 @@ def _cache_dir() -> Path:
     return cache_root() / "tokenized"
 
 
-def _plan(run: Any, recipe: Any, stages: int) -> dict[int, list[str]]:
+def _plan(run: RunDir, recipe: Recipe, stages: int) -> dict[int, list[str]]:
     """Check the stored predictions against the test sets, then list the cells to evaluate."""
     from cl_scale.data.tasks import load_task
     from cl_scale.stage_results import check_stored_predictions, missing_cells
@@ -71,7 +80,7 @@ def _plan(run: Any, recipe: Any, stages: int) -> dict[int, list[str]]:
     return missing_cells(run, stages)
 
 
-def _gate_matrix(stage: Any, recipe: Any, tasks: list[str]) -> list[list[float]]:
+def _gate_matrix(stage: StageModel, recipe: Recipe, tasks: list[str]) -> list[list[float]]:
     """Mean coefficient of each gate on each task's whole test set (cheap: no generation)."""
     from cl_scale.data.pipeline import prepare_task
     from cl_scale.evaluation.diagnostics import gate_matrix
@@ -80,15 +89,17 @@ def _gate_matrix(stage: Any, recipe: Any, tasks: list[str]) -> list[list[float]]
     coefs = {}
     for index, task in enumerate(tasks):
         rows = prepare_task(
-            recipe, stage.tokenizer, stage.kind, task, "test", prompts_only=True, cache_dir=_cache_dir()
+            recipe.data, recipe.train.seed, stage.tokenizer, stage.kind, task, "test", prompts_only=True,
+            cache_dir=_cache_dir(),
         )
         coefs[index] = gate_coefficients(stage.engine, rows, batch_size=recipe.eval.batch_size)
     return gate_matrix(coefs)
 
 
 def _evaluate_stage(
-    run: Any, recipe: Any, index: int, tasks: list[str], *, max_examples: int | None, with_gates: bool, progress: Any
-) -> tuple[dict[str, Any], list[list[float]] | None]:
+    run: RunDir, recipe: Recipe, index: int, tasks: list[str], *, max_examples: int | None, with_gates: bool,
+    progress: Callable[[str], None],
+) -> tuple[dict[str, TaskResult], list[list[float]] | None]:
     """TaskResults of `tasks` after stage `index`, and the gate matrix if asked; the model is freed on return."""
     from cl_scale.evaluation.generation import evaluate_task
     from cl_scale.continual_state import load_stage_model
@@ -105,7 +116,7 @@ def _evaluate_stage(
     return results, gates
 
 
-def _diagnostics(run: Any, recipe: Any, stages: int, gates: list[list[float]] | None) -> dict[str, Any]:
+def _diagnostics(run: RunDir, recipe: Recipe, stages: int, gates: list[list[float]] | None) -> dict[str, Any]:
     """diagnostics.json: branch numbers of the last finished stage (None with one branch) and the gate matrix."""
     from cl_scale.rundir import SNAPSHOT
     from cl_scale.evaluation.run_diagnostics import run_branch_diagnostics
@@ -120,7 +131,7 @@ def _diagnostics(run: Any, recipe: Any, stages: int, gates: list[list[float]] | 
 
 
 def _finish(
-    run: Any, recipe: Any, stages: int, out: Path, filled: dict[tuple[int, str], float],
+    run: RunDir, recipe: Recipe, stages: int, out: Path, filled: dict[tuple[int, str], float],
     stored: dict[str, Any] | None, gates: list[list[float]] | None,
 ) -> RunReport:
     """Rank 0: the matrix with the new cells, its metrics and files, and the diagnostics."""
@@ -142,7 +153,7 @@ def _finish(
     return RunReport(run.path, method_label(recipe.method), order_label(run), tasks, matrix, metrics, diagnostics, out)
 
 
-def _progress_bar(console: Any, total: int) -> Any:
+def _progress_bar(console: Console, total: int) -> Progress:
     from rich.progress import (
         BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
     )
@@ -153,7 +164,7 @@ def _progress_bar(console: Any, total: int) -> Any:
     )
 
 
-def _evaluate(run: Any, recipe: Any, max_examples: int | None, console: Any) -> RunReport:
+def _evaluate(run: RunDir, recipe: Recipe, max_examples: int | None, console: Console) -> RunReport:
     """Fill the missing cells of one run (collective) and return its report (the same on every rank)."""
     from cl_scale.stage_results import write_stage_results
     from cl_scale.evaluation.run_diagnostics import read_diagnostics
@@ -194,7 +205,7 @@ def _evaluate(run: Any, recipe: Any, max_examples: int | None, console: Any) -> 
     return dist_utils.run_on_main(_finish, run, recipe, stages, out, filled, stored, gates)
 
 
-def _print_report(console: Any, report: RunReport, max_examples: int | None) -> None:
+def _print_report(console: Console, report: RunReport, max_examples: int | None) -> None:
     from cl_scale.evaluation.report import diagnostics_table, gate_table
     from cl_scale.evaluation.report import matrix_table
     from cl_scale.evaluation.run_diagnostics import branch_diagnostics_from_dict

@@ -16,7 +16,7 @@ A task's life cycle, as the trainer drives it:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from torch import nn
 from cl_scale.distributed import ParamAccess
 
 if TYPE_CHECKING:
+    from cl_scale.modeling.context import BranchContext
     from cl_scale.modeling.wrapper import ContinualModel
     from cl_scale.recipe import MethodConfig
 
@@ -74,7 +75,7 @@ class Method(ABC):
         """Parameters of one task's gate (all of them train in that task); 0 without gates."""
         return 0
 
-    def __init__(self, config: Any, model: "ContinualModel", num_tasks: int) -> None:
+    def __init__(self, config: MethodConfig, model: ContinualModel, num_tasks: int) -> None:
         self.config = config
         self.model = model
         self.num_tasks = num_tasks
@@ -90,7 +91,7 @@ class Method(ABC):
     def before_task(self, runner: TaskRunner) -> None:
         """Data passes and gathered initialisation once the engine exists."""
 
-    def loss(self, task_loss: torch.Tensor, context: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, task_loss: torch.Tensor, context: BranchContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and every term separately (task loss plus the penalties layers added in forward)."""
         terms = {"task": task_loss, **context.penalties}
         total = task_loss

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ from cl_scale.modeling.gates import GateBank
 from cl_scale.modeling.wrapper import ContinualModel
 from cl_scale.recipe import MethodConfig
 from cl_scale.subspace import Basis, GateMoments, collect_gate_moments
+
+if TYPE_CHECKING:
+    from cl_scale.modeling.context import BranchContext
 
 BRANCH_METHODS: dict[str, type[Method]] = {name: method_class(name) for name in BRANCH_NAMES}
 """Methods GainLoRA can take its branches from (method.branch)."""
@@ -81,7 +84,7 @@ class GainLoRA(Method):
         hidden = config.gate.hidden
         return hidden * d_model + d_model * hidden + d_model  # W1 h x d, W2 d x h, key d
 
-    def __init__(self, config: Any, model: ContinualModel, num_tasks: int) -> None:
+    def __init__(self, config: MethodConfig, model: ContinualModel, num_tasks: int) -> None:
         super().__init__(config, model, num_tasks)
         if model.gates is None:
             raise CLScaleError(
@@ -133,7 +136,7 @@ class GainLoRA(Method):
                 runner.data_pass()
         return moments
 
-    def loss(self, task_loss: torch.Tensor, context: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, task_loss: torch.Tensor, context: BranchContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.branch_method.loss(task_loss, context)
 
     def before_step(self, runner: TaskRunner) -> None:

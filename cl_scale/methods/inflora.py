@@ -15,7 +15,6 @@ produces in the model as it will stay from now on.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +44,7 @@ class InfLoRA(IncLoRA):
     def trains_a(cls, config: MethodConfig) -> bool:
         return False  # designed from data before the task, then frozen
 
-    def __init__(self, config: Any, model: ContinualModel, num_tasks: int) -> None:
+    def __init__(self, config: MethodConfig, model: ContinualModel, num_tasks: int) -> None:
         super().__init__(config, model, num_tasks)
         if config.inflora.design not in DESIGNS:
             raise CLScaleError(

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +17,9 @@ from cl_scale.methods.inclora import IncLoRA
 from cl_scale.methods.penalty import with_eager_gradient
 from cl_scale.modeling.branched_linear import BranchedLinear, PenaltyFn
 from cl_scale.modeling.wrapper import ContinualModel
+
+if TYPE_CHECKING:
+    from cl_scale.recipe import MethodConfig
 
 VARIANTS = ("update", "compat")
 
@@ -49,7 +52,7 @@ class NLoRA(IncLoRA):
     name = "nlora"
     title = "N-LoRA"
 
-    def __init__(self, config: Any, model: ContinualModel, num_tasks: int) -> None:
+    def __init__(self, config: MethodConfig, model: ContinualModel, num_tasks: int) -> None:
         super().__init__(config, model, num_tasks)
         variant = config.nlora.variant
         if variant not in VARIANTS:

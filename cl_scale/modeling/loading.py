@@ -25,6 +25,7 @@ from cl_scale.modeling.builtin_specs import BUILTIN_PREFIX
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     from cl_scale.recipe import ModelConfig
 
@@ -89,7 +90,7 @@ class LoadedModel:
 
     model: PreTrainedModel
     kind: Literal["causal", "seq2seq"]
-    zero3_handle: Any = None
+    zero3_handle: HfDeepSpeedConfig | None = None
 
 
 def load_base_model(model_cfg: ModelConfig, ds_config: dict[str, Any] | None, pad_token_id: int) -> LoadedModel:
