@@ -28,11 +28,11 @@ from cl_scale.cli import strip_local_rank
 
 
 def main(argv: list[str]) -> None:
+    from cl_scale.cache import cache_root
     from cl_scale.continual_state import build_state, stage_generator
     from cl_scale.data.orders import resolve_tasks
     from cl_scale.data.pipeline import prepare_task
     from cl_scale.ds_config import build_ds_config
-    from cl_scale.modeling.builtin import cache_root
     from cl_scale.recipe import load_recipe
     from cl_scale.sharding import training_batches
 

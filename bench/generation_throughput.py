@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from common import add_device_argument, add_timing_arguments, header, interleaved, median, print_ratios
 
-from cl_scale.modeling.tiny import build_tiny_model, tiny_llama_config
+from cl_scale.builtin.tiny import build_tiny_model, tiny_llama_config
 from cl_scale.modeling.wrapper import ContinualModel, greedy_config
 
 TARGETS = ["q_proj", "v_proj"]

@@ -19,9 +19,9 @@ import torch
 from common import add_device_argument, add_timing_arguments, header, interleaved, print_ratios
 from peft import LoraConfig, get_peft_model
 
+from cl_scale.builtin.tiny import build_tiny_model, tiny_llama_config
 from cl_scale.distributed import LocalAccess
 from cl_scale.methods import build_method, method_class
-from cl_scale.modeling.tiny import build_tiny_model, tiny_llama_config
 from cl_scale.modeling.wrapper import IGNORE_INDEX, ContinualModel
 from cl_scale.recipe import MethodConfig
 from cl_scale.stage_runner import StageRunner

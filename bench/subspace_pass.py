@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from common import add_timing_arguments, header, interleaved, print_ratios
 
+from cl_scale.builtin.tiny import build_tiny_model, tiny_llama_config
 from cl_scale.methods import build_method
-from cl_scale.modeling.tiny import build_tiny_model, tiny_llama_config
 from cl_scale.modeling.wrapper import IGNORE_INDEX, ContinualModel
 from cl_scale.recipe import MethodConfig
 from cl_scale.subspace import collect_gate_moments, collect_layer_inputs, layer_statistics

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from cl_scale.builtin.specs import BUILTIN_PREFIX
 from cl_scale.data.benchmark import SPLITS, TaskInfo, count_examples, default_metric, list_tasks, split_file
 from cl_scale.data.lengths import LengthStats, token_length_stats
 from cl_scale.data.orders import resolve_tasks
@@ -18,7 +19,6 @@ from cl_scale.data.synthetic import DEFAULT_N_TEST, DEFAULT_N_TRAIN, SYNTHETIC_B
 from cl_scale.data.own_tasks import own_split_size, split_path
 from cl_scale.data.tasks import SYNTHETIC_ROOT, load_task, task_info
 from cl_scale.errors import CLScaleError
-from cl_scale.modeling.builtin_specs import BUILTIN_PREFIX
 
 if TYPE_CHECKING:
     from cl_scale.recipe import ModelConfig, Recipe

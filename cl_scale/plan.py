@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from cl_scale.builtin.specs import BUILTIN_PREFIX, BUILTINS
 from cl_scale.errors import CLScaleError
 from cl_scale.methods import method_class
-from cl_scale.modeling.builtin_specs import BUILTIN_PREFIX
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -183,7 +183,7 @@ def _model_config(path: str) -> tuple[PretrainedConfig | None, str]:
 def _builtin_config(name: str) -> tuple[PretrainedConfig | None, str]:
     """A built-in tiny model's config: its cached folder if built, else its spec (vocab as requested)."""
     try:
-        from cl_scale.modeling.builtin import BUILTINS, built_dir, spec_config
+        from cl_scale.builtin.factory import built_dir, spec_config
     except ImportError as err:
         return None, f"built-in models are not available in this installation ({err})"
     if name not in BUILTINS:

@@ -21,6 +21,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from cl_scale.cache import cache_root
 from cl_scale.errors import CLScaleError
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -41,11 +42,6 @@ EXPECTED = {
     "vocab_size": 49152,
     "tie_word_embeddings": True,
 }
-
-
-def cache_root() -> Path:
-    """Where downloads and built models live: $CL_SCALE_CACHE, else ~/.cache/cl-scale (never the repo)."""
-    return Path(os.environ.get("CL_SCALE_CACHE", Path.home() / ".cache" / "cl-scale"))
 
 
 def default_folder() -> Path:

@@ -26,10 +26,10 @@ from pydantic import (
     model_validator,
 )
 
+from cl_scale.builtin.specs import BUILTIN_PREFIX, BUILTINS
 from cl_scale.data.orders import ORDERS
 from cl_scale.errors import CLScaleError
 from cl_scale.methods import BRANCH_NAMES, METHOD_NAMES
-from cl_scale.modeling.builtin_specs import BUILTIN_PREFIX, BUILTINS
 from cl_scale.shipped import shipped_file
 
 Key = tuple[str | int, ...]

@@ -179,8 +179,8 @@ def _resume_point(run: RunDir, recipe: Recipe) -> dict[str, Any]:
 def _start_session(recipe: Recipe, run: RunDir, tasks: list[str], ds_config: dict[str, Any]) -> Session:
     from rich.console import Console
 
+    from cl_scale.cache import cache_root
     from cl_scale.continual_state import build_state
-    from cl_scale.modeling.builtin import cache_root
     from cl_scale.plan import task_steps
 
     console = Console(quiet=not dist_utils.is_main())

@@ -82,7 +82,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, llama_tokenizer_dir
     """A saved tiny Llama (random weights) with its sentencepiece tokenizer: a real `from_pretrained` folder."""
     import shutil
 
-    from cl_scale.modeling.tiny import build_tiny_model, tiny_llama_config
+    from cl_scale.builtin.tiny import build_tiny_model, tiny_llama_config
 
     out = tmp_path_factory.mktemp("tiny_llama")
     for item in llama_tokenizer_dir.iterdir():
@@ -103,7 +103,7 @@ def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory, t5_tokenizer_dir: Path
     """
     import shutil
 
-    from cl_scale.modeling.tiny import build_tiny_model, tiny_t5_config
+    from cl_scale.builtin.tiny import build_tiny_model, tiny_t5_config
 
     out = tmp_path_factory.mktemp("tiny_t5")
     for item in t5_tokenizer_dir.iterdir():

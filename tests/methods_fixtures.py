@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
+from cl_scale.builtin.tiny import build_tiny_model, tiny_llama_config
 from cl_scale.distributed import LocalAccess
 from cl_scale.methods import build_method, method_class
 from cl_scale.methods.base import Method
-from cl_scale.modeling.tiny import build_tiny_model, tiny_llama_config
 from cl_scale.modeling.wrapper import IGNORE_INDEX, ContinualModel
 from cl_scale.recipe import MethodConfig
 from cl_scale.stage_runner import StageRunner

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import MistralConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
 
-from cl_scale.modeling.tiny import tiny_llama_config, tiny_t5_config
+from cl_scale.builtin.tiny import tiny_llama_config, tiny_t5_config
 from cl_scale.modeling.wrapper import ContinualModel
 
 VOCAB = 320

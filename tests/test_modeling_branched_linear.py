@@ -10,9 +10,9 @@ from modeling_fixtures import ALPHA, RANK, VOCAB, continual, copy_branch_into_pe
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from cl_scale.builtin.tiny import build_tiny_model, tiny_llama_config
 from cl_scale.modeling.branched_linear import BranchedLinear
 from cl_scale.modeling.context import BranchContext
-from cl_scale.modeling.tiny import build_tiny_model, tiny_llama_config
 
 
 def test_one_ungated_branch_equals_peft_lora() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from modeling_fixtures import causal_config, continual, grown, left_padded, random_tokens
 
-from cl_scale.modeling.tiny import build_tiny_model
+from cl_scale.builtin.tiny import build_tiny_model
 from cl_scale.modeling.wrapper import ContinualModel
 
 

@@ -15,8 +15,8 @@ from modeling_fixtures import (
 )
 from transformers import GenerationConfig
 
+from cl_scale.builtin.tiny import build_tiny_model
 from cl_scale.errors import CLScaleError
-from cl_scale.modeling.tiny import build_tiny_model
 from cl_scale.modeling.wrapper import ContinualModel
 
 NEW_TOKENS = 8

@@ -9,11 +9,11 @@ import torch
 from modeling_fixtures import VOCAB, causal_config, continual, left_padded, random_tokens, right_padded
 from torch import nn
 
+from cl_scale.builtin.tiny import build_tiny_model, tiny_t5_config
 from cl_scale.errors import CLScaleError
 from cl_scale.modeling.branched_linear import BranchedLinear
 from cl_scale.modeling.context import BranchContext
 from cl_scale.modeling.inject import inject_branches
-from cl_scale.modeling.tiny import build_tiny_model, tiny_t5_config
 
 FAMILIES = ["llama", "mistral", "qwen2"]
 

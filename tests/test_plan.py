@@ -162,7 +162,7 @@ def test_local_config_directory_gives_grouped_query_value_width(tmp_path: Path, 
 
 
 def test_builtin_tiny_llama_is_counted_without_building_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("cl_scale.modeling.builtin", reason="built-in models not in this tree")
+    pytest.importorskip("cl_scale.builtin.factory", reason="built-in models not in this tree")
     monkeypatch.setenv("CL_SCALE_CACHE", str(tmp_path / "cache"))
     plan = plan_of(load_recipe(RECIPES / "demo.yaml"))
     # builtin:tiny-llama is 4 layers of width 128; the demo runs GainLoRA(InfLoRA) at rank 8, gate width 64:
@@ -351,8 +351,9 @@ def test_plan_command_fails_after_printing_when_a_train_split_is_missing(tmp_pat
 def test_trainable_count_equals_the_built_models_trainable_parameters(method: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
+    from cl_scale.builtin.factory import spec_config
+    from cl_scale.builtin.specs import BUILTINS
     from cl_scale.methods import build_method, method_class
-    from cl_scale.modeling.builtin import BUILTINS, spec_config
     from cl_scale.modeling.wrapper import ContinualModel
 
     name, _, branch = method.partition(":")

@@ -43,7 +43,7 @@ def tiny_config(public: str, vocab: int):
 def family_dirs(tmp_path_factory: pytest.TempPathFactory, llama_tokenizer_dir: Path) -> dict[str, Path]:
     from transformers import AutoTokenizer
 
-    from cl_scale.modeling.tiny import build_tiny_model
+    from cl_scale.builtin.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("families")
     dirs = {}

@@ -64,7 +64,7 @@ def _console() -> Console:
 
 
 def _cache_dir() -> Path:
-    from cl_scale.modeling.builtin import cache_root
+    from cl_scale.cache import cache_root
 
     return cache_root() / "tokenized"
 

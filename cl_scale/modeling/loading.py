@@ -20,8 +20,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from cl_scale.builtin.specs import BUILTIN_PREFIX
 from cl_scale.errors import CLScaleError
-from cl_scale.modeling.builtin_specs import BUILTIN_PREFIX
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -36,7 +36,7 @@ def model_dir(model_cfg: ModelConfig) -> str:
     """The local directory or hub id to load from (building a built-in model on first use)."""
     path: str = model_cfg.path
     if path.startswith(BUILTIN_PREFIX):
-        from cl_scale.modeling.builtin import builtin_model_dir
+        from cl_scale.builtin.factory import builtin_model_dir
 
         return str(builtin_model_dir(path[len(BUILTIN_PREFIX) :]))
     return path

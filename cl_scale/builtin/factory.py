@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
+from cl_scale.builtin.specs import BUILTINS, BuiltinSpec
+from cl_scale.builtin.tiny import build_tiny_model, tiny_llama_config, tiny_t5_config
+from cl_scale.cache import cache_root
+from cl_scale.data.collators import CausalCollator, Seq2SeqCollator, tokenize_causal, tokenize_seq2seq
+from cl_scale.data.prompts import build_prompt
+from cl_scale.data.synthetic import SYNTHETIC_TASKS, load_synthetic, pretraining_examples
+from cl_scale.data.tokenizer import train_sentencepiece_tokenizer
 from cl_scale.errors import CLScaleError
-from cl_scale.modeling.builtin_specs import BUILTINS, BuiltinSpec
-
-
-def cache_root() -> Path:
-    """Where built-in models live: $CL_SCALE_CACHE, else ~/.cache/cl-scale."""
-    return Path(os.environ.get("CL_SCALE_CACHE", Path.home() / ".cache" / "cl-scale"))
 
 
 def built_dir(name: str) -> Path:
@@ -34,8 +35,6 @@ def built_dir(name: str) -> Path:
 
 def spec_config(spec: BuiltinSpec, vocab_size: int, pad_token_id: int | None = None) -> PretrainedConfig:
     """The architecture of a built-in model: the one place that turns a spec into a config."""
-    from cl_scale.modeling.tiny import tiny_llama_config, tiny_t5_config
-
     if spec.kind == "causal":
         extra = {} if pad_token_id is None else {"pad_token_id": pad_token_id}
         return tiny_llama_config(vocab_size, hidden=spec.hidden, layers=spec.layers, heads=spec.heads,
@@ -67,11 +66,6 @@ def builtin_model_dir(name: str, progress: Callable[[str], None] = print) -> Pat
 
 
 def _build(spec: BuiltinSpec, out: Path) -> None:
-    from cl_scale.data.synthetic import SYNTHETIC_TASKS, load_synthetic, pretraining_examples
-    from cl_scale.data.tokenizer import train_sentencepiece_tokenizer
-    from cl_scale.data.prompts import build_prompt
-    from cl_scale.modeling.tiny import build_tiny_model
-
     texts = []
     for task in SYNTHETIC_TASKS:
         ds = load_synthetic(task, "train", seed=0)
@@ -86,9 +80,6 @@ def _build(spec: BuiltinSpec, out: Path) -> None:
 
 def _pretrain(model, tokenizer, mixture, spec: BuiltinSpec) -> None:
     """Full fine-tuning on the disjoint mixture, single process, seeded."""
-    from cl_scale.data.collators import CausalCollator, Seq2SeqCollator, tokenize_causal, tokenize_seq2seq
-    from cl_scale.data.prompts import build_prompt
-
     mixture = mixture.add_column(
         "prompt", [build_prompt(d, x, "long") for d, x in zip(mixture["definition"], mixture["input"])]
     )
