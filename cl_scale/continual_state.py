@@ -24,15 +24,20 @@ import torch
 from torch import nn
 
 from cl_scale import distributed as dist_utils
+from cl_scale.distributed import LocalAccess
+from cl_scale.ds_config import build_ds_config, zero_stage
 from cl_scale.errors import CLScaleError, read_safetensors
-from cl_scale.rundir import METHOD_STATE, RECIPE_YAML, SNAPSHOT
+from cl_scale.methods import build_method, method_class
+from cl_scale.modeling.loading import load_base_model, load_tokenizer, model_dir
+from cl_scale.modeling.wrapper import ContinualModel
+from cl_scale.recipe import load_recipe
+from cl_scale.rundir import METHOD_STATE, RECIPE_YAML, SNAPSHOT, open_run
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     from cl_scale.methods.base import Method
-    from cl_scale.modeling.wrapper import ContinualModel
     from cl_scale.recipe import Recipe
     from cl_scale.rundir import RunDir
 
@@ -67,19 +72,12 @@ def resolve_stage(run: RunDir, stage: int | None) -> int:
 
 def open_run_recipe(run_dir: str | Path) -> tuple[RunDir, Recipe]:
     """The run directory and the recipe it was trained with."""
-    from cl_scale.recipe import load_recipe
-    from cl_scale.rundir import open_run
-
     run = open_run(Path(run_dir))
     return run, load_recipe(run.path / RECIPE_YAML)
 
 
 def build_state(recipe: Recipe, ds_config: dict[str, Any] | None, num_tasks: int) -> ContinualState:
     """Load the frozen base (partitioned under ZeRO-3), wrap it and create the recipe's method."""
-    from cl_scale.methods import build_method, method_class
-    from cl_scale.modeling.loading import load_base_model, load_tokenizer, model_dir
-    from cl_scale.modeling.wrapper import ContinualModel
-
     dist_utils.run_on_main(model_dir, recipe.model)  # builds a built-in model once, before the others load it
     tokenizer = load_tokenizer(recipe.model)
     loaded = load_base_model(recipe.model, ds_config, tokenizer.pad_token_id)
@@ -104,9 +102,6 @@ def stage_generator(recipe: Recipe, index: int) -> torch.Generator:
 
 def restore_stage(state: ContinualState, recipe: Recipe, stage_dir: Path, stage_index: int) -> None:
     """Grow stages 0..stage_index and load their values from `stage_dir` (before any engine is built)."""
-
-    from cl_scale.distributed import LocalAccess
-
     for index in range(stage_index + 1):
         state.method.grow(index, stage_generator(recipe, index))
     problem = f"stage snapshot in {stage_dir} cannot be read"
@@ -154,8 +149,6 @@ def inference_ds_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
     Evaluation may use another number of ranks than training; no optimizer step happens, so the global
     batch is set to what this world holds and the training layout check cannot refuse it.
     """
-    from cl_scale.ds_config import build_ds_config, zero_stage
-
     train = recipe.train.model_copy(update={"global_batch": recipe.train.per_device_batch * world_size})
     config = build_ds_config(recipe.model_copy(update={"train": train}), world_size)
     if zero_stage(config) != 3:

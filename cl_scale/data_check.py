@@ -65,6 +65,8 @@ def _recipe_tokenizer(model_cfg: ModelConfig) -> tuple[PreTrainedTokenizerBase |
     """The recipe's tokenizer, or None and the reason: the report still helps without one."""
     try:
         if model_cfg.path.startswith(BUILTIN_PREFIX):
+            # Here, not at the top: loading brings transformers' model classes and the built-in factory,
+            # which `cl-scale data list` and `data check` of other models never need.
             from cl_scale.modeling.loading import load_tokenizer
 
             return load_tokenizer(model_cfg), ""

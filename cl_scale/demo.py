@@ -14,8 +14,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from cl_scale import distributed
 from cl_scale.errors import CLScaleError
+from cl_scale.evaluation.metrics import compute_metrics
+from cl_scale.evaluation.report import read_matrix, write_heatmaps_side_by_side
+from cl_scale.methods import method_class
+from cl_scale.recipe import load_recipe
+from cl_scale.rundir import MANIFEST_JSON, open_run
 from cl_scale.shipped import shipped_file
+from cl_scale.trainer import run_training
 
 DEMO_RECIPE = shipped_file("recipes/demo.yaml") or Path("recipes/demo.yaml")
 """The shipped demo recipe (the relative path only when cl-scale ships none, which run_demo reports)."""
@@ -24,11 +31,6 @@ DEFAULT_METHODS = ("seqlora", "gainlora")
 
 def _run_method(recipe_path: Path, method: str, out_dir: Path, console: Console) -> tuple[str, Path]:
     """Train (or reuse / resume) the demo run of one method; returns its label and run directory."""
-    from cl_scale.methods import method_class
-    from cl_scale.recipe import load_recipe
-    from cl_scale.rundir import MANIFEST_JSON, open_run
-    from cl_scale.trainer import run_training
-
     recipe = load_recipe(recipe_path, [f"method.name={method}", f"name=demo-{method}", f"output.dir={out_dir}"])
     run_dir = out_dir / recipe.name
     label = method_class(method).label(recipe.method)
@@ -44,14 +46,10 @@ def _run_method(recipe_path: Path, method: str, out_dir: Path, console: Console)
 def run_demo(methods: Sequence[str] = DEFAULT_METHODS, out_dir: Path = Path("runs"),
              recipe_path: Path = DEMO_RECIPE) -> None:
     """Train every method on the demo recipe and print the comparison."""
-    from cl_scale.evaluation.metrics import compute_metrics
-    from cl_scale.evaluation.report import read_matrix, write_heatmaps_side_by_side
-
     if not recipe_path.is_file():
         raise CLScaleError(
             f"demo recipe {recipe_path} not found", "reinstall cl-scale: its package lacks the shipped recipes"
         )
-    from cl_scale import distributed
 
     console = Console()
     # One process group for every method: DeepSpeed caches the group, so it must not be re-created.

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cl_scale.errors import CLScaleError
+
 
 def is_distributed() -> bool:
     """True when a process group is up."""
@@ -335,8 +337,6 @@ def explain_collective_failures(timeout_s: float) -> Iterator[None]:
     The raw gloo/NCCL message ("Connection reset by peer", "Timed out waiting 20000ms for recv") says
     which socket broke, not that another rank died or hung, which is what the user needs to look for.
     """
-    from cl_scale.errors import CLScaleError
-
     try:
         yield
     except CLScaleError:
@@ -402,8 +402,6 @@ def process_group(timeout_s: float) -> Iterator[None]:
 
 def run_on_main(fn, *args, **kwargs):
     """Run `fn` on rank 0 only and hand its result, or its CLScaleError, to every rank."""
-    from cl_scale.errors import CLScaleError
-
     outcome: tuple[str, object]
     if is_main():
         try:

@@ -25,8 +25,13 @@ from pathlib import Path
 
 import torch
 
+from cl_scale.distributed import launcher_environment
 from cl_scale.errors import CLScaleError
-from cl_scale.local_stage import LocalStage
+from cl_scale.evaluation.gates import is_gated
+from cl_scale.local_stage import LocalStage, load_run
+from cl_scale.modeling.loading import model_dir
+from cl_scale.recipe import recipe_to_yaml
+from cl_scale.rundir import stage_name
 
 FORMATS = {
     "peft": "one standard PEFT LoRA adapter holding every task's branch (rank K·r), for PeftModel.from_pretrained, "
@@ -69,8 +74,6 @@ def export_run(
     force: bool = False, shard_mb: int = MAX_SHARD_MB,
 ) -> Exported:
     """Write stage `stage` (1-based; default the last finished) of a run to `out` in format `fmt`."""
-    from cl_scale.local_stage import load_run
-
     check_options(fmt, per_task)
     check_destination(out, force)
     loaded = load_run(run_dir, stage)
@@ -106,8 +109,6 @@ def check_destination(out: Path, force: bool) -> None:
 
 def _check_fits(loaded: LocalStage, fmt: str, per_task: bool) -> None:
     """Refuse a format that cannot represent the stage's model."""
-    from cl_scale.evaluation.gates import is_gated
-
     gated = is_gated(loaded.model)
     if gated and fmt != "gated":
         raise gated_refusal(fmt)
@@ -135,8 +136,6 @@ def gated_refusal(fmt: str) -> CLScaleError:
 
 def _adapter_names(loaded: LocalStage) -> list[str]:
     """Folder name of each task's adapter, numbered like the run's stages."""
-    from cl_scale.rundir import stage_name
-
     return [stage_name(i, task) for i, task in enumerate(loaded.tasks)]
 
 
@@ -188,8 +187,6 @@ def adapter_tensors(loaded: LocalStage, branches: Sequence[int]) -> dict[str, to
 def write_adapter(loaded: LocalStage, branches: Sequence[int], folder: Path) -> int:
     """Write `branches` as one PEFT LoRA adapter in `folder`; returns its rank."""
     from safetensors.torch import save_file
-
-    from cl_scale.modeling.loading import model_dir
 
     rank, scaling = _layer_scaling(loaded)
     total = rank * len(branches)
@@ -243,8 +240,6 @@ def write_gated(loaded: LocalStage, folder: Path) -> int:
     """Per-task adapters, the gate bank, the tokenizer, the run's recipe and the JSON config; returns r."""
     from safetensors.torch import save_file
 
-    from cl_scale.recipe import recipe_to_yaml
-
     gates = loaded.model.gates
     assert gates is not None  # _check_fits refused ungated models
     names = _adapter_names(loaded)
@@ -275,8 +270,6 @@ def launched_ranks() -> int:
     """Ranks the launcher started (deepspeed, torchrun or srun; 1 for a plain process)."""
     import os
 
-    from cl_scale.distributed import launcher_environment
-
     return int({**os.environ, **launcher_environment(dict(os.environ))}["WORLD_SIZE"])
 
 
@@ -290,6 +283,7 @@ def export_cli(
 
     from rich.console import Console
 
+    # Here, not at the top: export_sharded imports this module's helpers (an import cycle otherwise).
     from cl_scale.export_sharded import export_merged_sharded, shard_bytes
 
     check_options(fmt, per_task)

@@ -19,7 +19,11 @@ import torch
 from torch import nn
 
 from cl_scale import distributed as dist_utils
+from cl_scale.continual_state import build_state, inference_ds_config, open_run_recipe, resolve_stage, restore_stage
 from cl_scale.errors import CLScaleError
+from cl_scale.evaluation.gates import is_gated
+from cl_scale.export import check_destination, gated_refusal, staged
+from cl_scale.modeling.branched_linear import BranchedLinear
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SINGLE_WEIGHTS = "model.safetensors"
@@ -32,8 +36,6 @@ def merged_tensors(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     layer's frozen linear appears under the layer's own path and its branches do not appear.
     """
     from deepspeed import zero
-
-    from cl_scale.modeling.branched_linear import BranchedLinear
 
     base = model.base
     owners = {id(layer.base): (path, layer) for path, layer in model.branched.items()}
@@ -111,12 +113,6 @@ def export_merged_sharded(
     run_dir: Path, out: Path, *, stage: int | None, force: bool, max_shard_bytes: int
 ) -> int | None:
     """The sharded `merged` export on every rank of this launch; the 1-based stage written on rank 0, else None."""
-    from cl_scale.continual_state import (
-        build_state, inference_ds_config, open_run_recipe, resolve_stage, restore_stage,
-    )
-    from cl_scale.evaluation.gates import is_gated
-    from cl_scale.export import check_destination, gated_refusal, staged
-
     run, recipe = open_run_recipe(run_dir)
     with dist_utils.process_group(recipe.train.collective_timeout_s):
         index = resolve_stage(run, stage)

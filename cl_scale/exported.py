@@ -9,21 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cl_scale.continual_state import build_state
+from cl_scale.distributed import LocalAccess
 from cl_scale.errors import CLScaleError, read_json, read_safetensors
-from cl_scale.local_stage import LocalStage
+from cl_scale.export import ADAPTER_WEIGHTS, GATED_CONFIG, GATED_FORMAT, PEFT_PREFIX
+from cl_scale.local_stage import LocalStage, on_device
+from cl_scale.recipe import load_recipe
 
 
 def load_exported(folder: str | Path, base: str | None = None) -> LocalStage:
     """The gated model exported to `folder`, on this process's device; `base` replaces the base model path."""
-
-    from cl_scale.continual_state import build_state
-    from cl_scale.distributed import LocalAccess
-    from cl_scale.export import (
-        ADAPTER_WEIGHTS, GATED_CONFIG, GATED_FORMAT, PEFT_PREFIX,
-    )
-    from cl_scale.local_stage import on_device
-    from cl_scale.recipe import load_recipe
-
     folder = Path(folder)
     config_path = folder / GATED_CONFIG
     if not config_path.is_file():

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cl_scale import distributed as dist_utils
+from cl_scale.continual_state import load_stage_model, open_run_recipe, resolve_stage
+from cl_scale.data.pipeline import tokenize_examples
+from cl_scale.data.prompts import build_prompt
+from cl_scale.data.tasks import prompt_template
 from cl_scale.errors import CLScaleError
+from cl_scale.evaluation.gates import gate_coefficients, is_gated
+from cl_scale.evaluation.generation import generate_texts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -30,8 +36,6 @@ _FORMAT = 'each line must be {"prompt": "..."} or {"definition": "...", "input":
 
 def _template(recipe: Recipe, tasks: list[str]) -> str:
     """The run's prompt template: the one every task of the run uses (own tasks may bring their own)."""
-    from cl_scale.data.tasks import prompt_template
-
     templates = {prompt_template(recipe.data, task) for task in tasks}
     if len(templates) != 1:
         raise CLScaleError(
@@ -50,8 +54,6 @@ def _line_prompt(path: Path, number: int, line: str, template: Callable[[], str]
     if isinstance(row, dict) and isinstance(row.get("prompt"), str):
         return row["prompt"]
     if isinstance(row, dict) and isinstance(row.get("input"), str) and isinstance(row.get("definition", ""), str):
-        from cl_scale.data.prompts import build_prompt
-
         return build_prompt(row.get("definition", ""), row["input"], template())
     raise CLScaleError(f"{path} line {number} has no prompt", _FORMAT)
 
@@ -73,8 +75,6 @@ def read_prompts(input_path: Path | None, prompt: str | None, recipe: Recipe, ta
 def prompt_rows(prompts: list[str], tokenizer: PreTrainedTokenizerBase, kind: str, recipe: Recipe) -> TaskRows:
     """TaskRows of bare prompts, tokenised and truncated exactly like test prompts (no references)."""
     from datasets import Dataset
-
-    from cl_scale.data.pipeline import tokenize_examples
 
     examples = Dataset.from_dict({"id": [f"input-{i}" for i in range(len(prompts))], "prompt": prompts})
     return tokenize_examples(recipe.data, tokenizer, kind, examples, prompts_only=True)
@@ -111,10 +111,6 @@ def _answer(
     run: RunDir, recipe: Recipe, index: int, prompts: list[str]
 ) -> tuple[list[str], dict[str, list[float]] | None, bool]:
     """Answers to `prompts` after stage `index`, each task's gate coefficients (GainLoRA), and whether on rank 0."""
-    from cl_scale.continual_state import load_stage_model
-    from cl_scale.evaluation.gates import gate_coefficients, is_gated
-    from cl_scale.evaluation.generation import generate_texts
-
     batch = recipe.eval.batch_size
     with dist_utils.process_group(recipe.train.collective_timeout_s), load_stage_model(recipe, run, index) as loaded:
         rows = prompt_rows(prompts, loaded.tokenizer, loaded.kind, recipe)
@@ -129,8 +125,6 @@ def _answer(
 
 def generate_cli(run_dir: Path, *, stage: int | None, input_path: Path | None, prompt: str | None) -> None:
     """Answer prompts with the model after stage K (default: the last finished), no task id; GainLoRA's gates shown."""
-    from cl_scale.continual_state import open_run_recipe, resolve_stage
-
     run, recipe = open_run_recipe(run_dir)
     index = resolve_stage(run, stage)
     prompts = read_prompts(input_path, prompt, recipe, run.tasks)

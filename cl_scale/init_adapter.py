@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from cl_scale.errors import CLScaleError, read_safetensors
+from cl_scale.distributed import LocalAccess
+from cl_scale.errors import CLScaleError, read_json, read_safetensors
+from cl_scale.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 
 if TYPE_CHECKING:
     from cl_scale.modeling.wrapper import ContinualModel
@@ -27,10 +29,6 @@ _UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA bias"}
 
 def start_from_adapter(model: ContinualModel, recipe: Recipe, trainable: Sequence[nn.Parameter]) -> None:
     """Write the recipe's init adapter into branch 0 (grown, with `trainable` the first task's parameters)."""
-
-    from cl_scale.distributed import LocalAccess
-    from cl_scale.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
-
     folder = Path(str(recipe.model.init_adapter))
     config = _read_config(folder / ADAPTER_CONFIG)
     rank = int(config.get("r", 0))
@@ -79,8 +77,6 @@ def start_from_adapter(model: ContinualModel, recipe: Recipe, trainable: Sequenc
 
 def _read_config(path: Path) -> dict:
     """The adapter's adapter_config.json, checked to be a plain LoRA adapter."""
-    from cl_scale.errors import read_json
-
     if not path.is_file():
         raise CLScaleError(
             f"model.init_adapter: {path.parent} is not a PEFT adapter folder (no {path.name})",

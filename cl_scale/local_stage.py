@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cl_scale.continual_state import build_state, open_run_recipe, resolve_stage, restore_stage
+from cl_scale.distributed import accelerator_device
+from cl_scale.evaluation.gates import gate_coefficients, is_gated
+from cl_scale.evaluation.generation import generate_texts
+from cl_scale.generate import prompt_rows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -44,8 +49,6 @@ class LocalStage:
 
     def generate(self, prompts: Sequence[str]) -> list[str]:
         """Greedy answers to whole prompts, tokenised and truncated like test prompts (as `cl-scale generate`)."""
-        from cl_scale.evaluation.generation import generate_texts
-
         eval_cfg = self.recipe.eval
         return generate_texts(
             self.model, self._rows(prompts), self.tokenizer,
@@ -54,16 +57,12 @@ class LocalStage:
 
     def gates(self, prompts: Sequence[str]) -> dict[str, list[float]] | None:
         """Each task's gate coefficient on each prompt (GainLoRA); None for a model without gates."""
-        from cl_scale.evaluation.gates import gate_coefficients, is_gated
-
         if not is_gated(self.model):
             return None
         coefs = gate_coefficients(self.model, self._rows(prompts), batch_size=self.recipe.eval.batch_size)
         return {task: coefs[:, i].tolist() for i, task in enumerate(self.tasks)}
 
     def _rows(self, prompts: Sequence[str]) -> object:
-        from cl_scale.generate import prompt_rows
-
         return prompt_rows(list(prompts), self.tokenizer, self.kind, self.recipe)
 
 
@@ -73,8 +72,6 @@ def load_run(run_dir: str | Path, stage: int | None = None) -> LocalStage:
     The whole model must fit that device; a model that needs sharding is evaluated with `cl-scale generate`
     under the DeepSpeed launcher instead.
     """
-    from cl_scale.continual_state import build_state, open_run_recipe, resolve_stage, restore_stage
-
     run, recipe = open_run_recipe(run_dir)
     index = resolve_stage(run, stage)
     state = build_state(recipe, None, len(run.tasks))
@@ -84,6 +81,4 @@ def load_run(run_dir: str | Path, stage: int | None = None) -> LocalStage:
 
 def on_device(model: ContinualModel) -> ContinualModel:
     """`model` frozen, in eval mode, on the device `TaskRows.batch` puts inputs on."""
-    from cl_scale.distributed import accelerator_device
-
     return model.requires_grad_(False).to(accelerator_device()).eval()

@@ -20,12 +20,30 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+import cl_scale
+from cl_scale import atomic
 from cl_scale import checkpoint
 from cl_scale import distributed as dist_utils
+from cl_scale import rundir
+from cl_scale.cache import cache_root
+from cl_scale.continual_state import build_state, restore_stage, stage_generator
+from cl_scale.data.chat import check_chat_template
+from cl_scale.data.orders import resolve_tasks
+from cl_scale.data.pipeline import prepare_task
+from cl_scale.data.tasks import check_tasks
 from cl_scale.distributed import ZeroAccess
+from cl_scale.ds_config import build_ds_config
 from cl_scale.errors import CLScaleError, StopRequested
-from cl_scale.progress import Bar, ReportedBatches, Reporter
-from cl_scale.rundir import TRAIN_LOG
+from cl_scale.evaluation.generation import evaluate_task
+from cl_scale.evaluation.metrics import compute_metrics
+from cl_scale.evaluation.report import matrix_table, write_matrix_files
+from cl_scale.init_adapter import start_from_adapter
+from cl_scale.plan import task_steps
+from cl_scale.progress import Bar, ReportedBatches, Reporter, format_duration
+from cl_scale.recipe import diff_recipes, recipe_to_dict, recipe_to_yaml
+from cl_scale.rundir import METHOD_STATE, SNAPSHOT, TRAIN_LOG
+from cl_scale.sharding import even_shards, training_batches
+from cl_scale.stage_results import run_matrix, write_stage_results
 from cl_scale.stage_runner import ShardBatches, StageRunner
 from cl_scale.tracking import Tracker, engine_config, open_tracker, require_monitor_packages
 from cl_scale.training_log import (
@@ -77,11 +95,6 @@ def run_training(recipe: Recipe, *, resume: bool, run_dir: str | Path | None, al
     """Train the whole task sequence of `recipe`; returns the run directory."""
     import datasets
 
-    from cl_scale.data.chat import check_chat_template
-    from cl_scale.data.orders import resolve_tasks
-    from cl_scale.data.tasks import check_tasks
-    from cl_scale.ds_config import build_ds_config
-
     datasets.disable_progress_bars()
     session: Session | None = None
     try:
@@ -110,8 +123,6 @@ def _versions() -> dict[str, str]:
     import deepspeed
     import transformers
 
-    import cl_scale
-
     return {
         "cl_scale": cl_scale.__version__,
         "torch": torch.__version__,
@@ -123,9 +134,6 @@ def _versions() -> dict[str, str]:
 
 def _open_run_dir(recipe: Recipe, path: Path, tasks: list[str], *, resume: bool, allow_changed_recipe: bool) -> RunDir:
     """Create the run directory, or reopen it for --resume after checking the recipe did not change."""
-    from cl_scale import rundir
-    from cl_scale.recipe import diff_recipes, recipe_to_dict, recipe_to_yaml
-
     session = {
         "world_size": dist_utils.world_size(),
         "global_batch": recipe.train.global_batch,
@@ -179,10 +187,6 @@ def _resume_point(run: RunDir, recipe: Recipe) -> dict[str, Any]:
 def _start_session(recipe: Recipe, run: RunDir, tasks: list[str], ds_config: dict[str, Any]) -> Session:
     from rich.console import Console
 
-    from cl_scale.cache import cache_root
-    from cl_scale.continual_state import build_state
-    from cl_scale.plan import task_steps
-
     console = Console(quiet=not dist_utils.is_main())
     tracker = open_tracker(recipe, ds_config, run.path)
     ds_config = engine_config(ds_config)  # the run's tracker owns the monitors, not each stage's engine
@@ -198,8 +202,6 @@ def _start_session(recipe: Recipe, run: RunDir, tasks: list[str], ds_config: dic
 
 def _restore(session: Session) -> int:
     """Re-create the finished stages from the last snapshot; returns the first stage to train."""
-    from cl_scale.continual_state import restore_stage
-
     start = session.run.finished_prefix()
     if start > 0:
         restore_stage(session.state, session.recipe, session.run.stage_dir(start - 1), start - 1)
@@ -247,8 +249,6 @@ class StageOutcome:
 
 
 def _train_stage(session: Session, index: int) -> None:
-    from cl_scale.data.pipeline import prepare_task
-
     recipe, task = session.recipe, session.tasks[index]
     session.console.rule(f"[bold]stage {index + 1}/{len(session.tasks)}: {task}")
     torch.manual_seed(recipe.train.seed + index)  # dropout: a resumed stage draws what an uninterrupted one does
@@ -270,15 +270,10 @@ def _train_stage(session: Session, index: int) -> None:
 
 def _run_engine(session: Session, index: int, train_rows: TaskRows) -> StageOutcome:
     """Everything that needs stage `index`'s DeepSpeed engine, which is torn down on every exit path."""
-    from cl_scale.continual_state import stage_generator
-    from cl_scale.sharding import even_shards
-
     recipe = session.recipe
     session.method.grow(index, stage_generator(recipe, index))
     trainable = session.method.trainable_parameters(index)
     if index == 0 and recipe.model.init_adapter is not None:
-        from cl_scale.init_adapter import start_from_adapter
-
         start_from_adapter(session.model, recipe, trainable)
     optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe.train.warmup_steps))
@@ -307,8 +302,6 @@ def _run_engine(session: Session, index: int, train_rows: TaskRows) -> StageOutc
 def _train_epochs(
     session: Session, engine: DeepSpeedEngine, runner: StageRunner, train_rows: TaskRows
 ) -> list[dict[str, Any]]:
-    from cl_scale.sharding import training_batches
-
     recipe, task = session.recipe, session.tasks[runner.task_index]
     epochs = recipe.train.epochs_for(task)
     world, rank = dist_utils.world_size(), dist_utils.rank()
@@ -380,8 +373,6 @@ def _train_epochs(
 
 def _progress_fields(record: dict[str, Any], session: Session, index: int, bar: Bar) -> dict[str, Any]:
     """A step record as progress shows it: every loss term, lr, grad norm, tokens/s, the run's ETA."""
-    from cl_scale.progress import format_duration
-
     shown = {k: v for k, v in record.items() if k not in ("step", "epoch", "tokens_per_s")}
     shown["tokens/s"] = round(record["tokens_per_s"])
     remaining = None if bar.done == 0 else _run_remaining_s(session, index, bar)
@@ -398,8 +389,6 @@ def _snapshot(session: Session) -> dict[str, torch.Tensor]:
 
 
 def _evaluate_stage(session: Session, engine: DeepSpeedEngine, index: int) -> dict[str, TaskResult]:
-    from cl_scale.evaluation.generation import evaluate_task
-
     if index not in session.recipe.eval.evaluated_stages(len(session.tasks)):
         return {}
     results = {}
@@ -422,10 +411,6 @@ def _commit_stage(
     Returns the updated manifest, which every rank then holds (one source of truth: rank 0's).
     """
     from safetensors.torch import save_file
-
-    from cl_scale import atomic
-    from cl_scale.rundir import METHOD_STATE, SNAPSHOT
-    from cl_scale.stage_results import write_stage_results
 
     method_state = {k: v.detach().cpu().contiguous() for k, v in session.method.state_tensors().items()}
 
@@ -451,10 +436,6 @@ def _commit_stage(
 
 def _print_matrix(session: Session) -> None:
     """Rank 0: the matrix so far as a table, and its files when the newest row is complete."""
-    from cl_scale.evaluation.metrics import compute_metrics
-    from cl_scale.evaluation.report import matrix_table, write_matrix_files
-    from cl_scale.stage_results import run_matrix
-
     if not dist_utils.is_main():
         return
     seen = len(session.run.finished_stages())

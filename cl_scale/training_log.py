@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import torch
 
+from cl_scale import atomic
 from cl_scale import distributed as dist_utils
 
 if TYPE_CHECKING:
@@ -54,8 +55,6 @@ class LiveStepLog:
     an earlier attempt made and this one continues from), so records are never duplicated."""
 
     def __init__(self, path: Path, kept: list[dict[str, Any]]) -> None:
-        from cl_scale import atomic
-
         atomic.write_jsonl(path, kept)
         self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 (held for the stage, closed in close)
 

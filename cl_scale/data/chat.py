@@ -22,6 +22,7 @@ from cl_scale.data.collators import (
     _tokenize,
 )
 from cl_scale.errors import CLScaleError
+from cl_scale.modeling.loading import load_tokenizer
 
 if TYPE_CHECKING:
     from cl_scale.recipe import DataConfig, ModelConfig
@@ -133,7 +134,6 @@ def check_chat_template(model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
     assistant turn ends with its EOS (one probe example through the same code training uses)."""
     if not data_cfg.chat_template:
         return
-    from cl_scale.modeling.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model_cfg)
     _template(tokenizer)

@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 from datasets import Dataset, DatasetDict
 
 from cl_scale.data.examples import draw_target, make_examples, subset_indices
-from cl_scale.errors import CLScaleError
+from cl_scale.errors import CLScaleError, read_json
 
 OWN_BENCHMARK = "own files"
 OWN_SPLITS = ("train", "dev", "test")
@@ -105,8 +105,6 @@ def _first_character(path: Path) -> str:
 
 def _benchmark_layout(spec: TaskFiles, path: Path) -> str:
     """For a JSON object file: its first `Definition`; it must be CL_Benchmark's layout with `Instances`."""
-    from cl_scale.errors import read_json
-
     data = read_json(path, fix="fix the JSON, or write the split as a list of records or as JSONL")
     if not isinstance(data, dict) or not isinstance(data.get("Instances"), list):
         raise CLScaleError(

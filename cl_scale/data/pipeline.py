@@ -19,6 +19,7 @@ from cl_scale.data.collators import (
     tokenize_seq2seq,
 )
 from cl_scale.data.tasks import DataConfig, load_task
+from cl_scale.distributed import accelerator_device
 from cl_scale.errors import CLScaleError
 
 
@@ -33,8 +34,6 @@ class TaskRows:
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Collate the rows at `indices` into model inputs on the accelerator this rank uses."""
-        from cl_scale.distributed import accelerator_device
-
         features = self.rows.select(indices)
         batch = self.collate([{k: v for k, v in row.items() if k != "id"} for row in features])
         device = accelerator_device()

@@ -22,6 +22,7 @@ from cl_scale.data.synthetic import (
     SYNTHETIC_TASKS,
     load_synthetic,
 )
+from cl_scale.errors import CLScaleError
 
 SYNTHETIC_ROOT = "builtin:synthetic"
 
@@ -94,8 +95,6 @@ def load_task(data_cfg: DataConfig, task: str, split: str, *, seed: int) -> Data
 def check_tasks(data_cfg: DataConfig, tasks: list[str], splits: tuple[str, ...] = ("train", "test")) -> None:
     """Fail before anything is written if a task is unknown or one of its needed split files is missing;
     own tasks have every record of every split they name checked."""
-    from cl_scale.errors import CLScaleError
-
     for task in tasks:
         info = task_info(data_cfg, task)
         if info.files is not None:

@@ -14,6 +14,11 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from cl_scale import distributed as dist_utils
+from cl_scale.data.benchmark import default_metric
+from cl_scale.data.pipeline import prepare_task
+from cl_scale.data.tasks import task_info
+from cl_scale.evaluation.scoring import score_predictions
+from cl_scale.sharding import even_shards
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -34,9 +39,6 @@ class TaskResult:
 
 def metric_for(recipe: Recipe, task: str) -> str:
     """The recipe's metric for `task`: explicit per task, one for all, or the benchmark default."""
-    from cl_scale.data.benchmark import default_metric
-    from cl_scale.data.tasks import task_info
-
     choice = recipe.eval.metric
     if isinstance(choice, dict):
         choice = choice.get(task, "auto")
@@ -51,8 +53,6 @@ def generate_texts(
     `model` is the DeepSpeed engine that owns the continual model, or the continual model itself on one
     device (see `distributed.no_grad_pass`).
     """
-    from cl_scale.sharding import even_shards
-
     world = dist_utils.world_size()
     shards = even_shards(len(task_rows.rows), batch_size=batch_size, world_size=world, rank=dist_utils.rank())
     mine: list[tuple[int, str]] = []
@@ -75,9 +75,6 @@ def evaluate_task(
     cache_dir: Path | None, max_examples: int | None = None,
 ) -> TaskResult:
     """Generate on `task`'s test split and score it (task mean of per-example scores)."""
-    from cl_scale.data.pipeline import prepare_task
-    from cl_scale.evaluation.scoring import score_predictions
-
     rows = prepare_task(
         recipe.data, recipe.train.seed, tokenizer, kind, task, "test", prompts_only=True, cache_dir=cache_dir
     )

@@ -15,11 +15,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cl_scale import distributed as dist_utils
-from cl_scale.continual_state import open_run_recipe
+from cl_scale.cache import cache_root
+from cl_scale.continual_state import load_stage_model, open_run_recipe
+from cl_scale.data.pipeline import prepare_task
+from cl_scale.data.tasks import load_task
 from cl_scale.errors import CLScaleError
-from cl_scale.evaluation.metrics import Metrics
+from cl_scale.evaluation.diagnostics import gate_matrix
+from cl_scale.evaluation.gates import gate_coefficients
+from cl_scale.evaluation.generation import evaluate_task
+from cl_scale.evaluation.metrics import Metrics, compute_metrics
+from cl_scale.evaluation.report import (
+    compare_table,
+    diagnostics_table,
+    gate_table,
+    matrix_table,
+    metrics_caption,
+    write_matrix_files,
+)
+from cl_scale.evaluation.run_diagnostics import (
+    branch_diagnostics_from_dict,
+    read_diagnostics,
+    run_branch_diagnostics,
+    write_diagnostics,
+)
 from cl_scale.methods import method_class
 from cl_scale.recipe import MethodConfig
+from cl_scale.rundir import SNAPSHOT
+from cl_scale.stage_results import check_stored_predictions, missing_cells, run_matrix, write_stage_results
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -64,16 +86,11 @@ def _console() -> Console:
 
 
 def _cache_dir() -> Path:
-    from cl_scale.cache import cache_root
-
     return cache_root() / "tokenized"
 
 
 def _plan(run: RunDir, recipe: Recipe, stages: int) -> dict[int, list[str]]:
     """Check the stored predictions against the test sets, then list the cells to evaluate."""
-    from cl_scale.data.tasks import load_task
-    from cl_scale.stage_results import check_stored_predictions, missing_cells
-
     seed = recipe.train.seed
     sizes = {task: len(load_task(recipe.data, task, "test", seed=seed)) for task in run.tasks[:stages]}
     check_stored_predictions(run, stages, sizes)
@@ -82,10 +99,6 @@ def _plan(run: RunDir, recipe: Recipe, stages: int) -> dict[int, list[str]]:
 
 def _gate_matrix(stage: StageModel, recipe: Recipe, tasks: list[str]) -> list[list[float]]:
     """Mean coefficient of each gate on each task's whole test set (cheap: no generation)."""
-    from cl_scale.data.pipeline import prepare_task
-    from cl_scale.evaluation.diagnostics import gate_matrix
-    from cl_scale.evaluation.gates import gate_coefficients
-
     coefs = {}
     for index, task in enumerate(tasks):
         rows = prepare_task(
@@ -101,9 +114,6 @@ def _evaluate_stage(
     progress: Callable[[str], None],
 ) -> tuple[dict[str, TaskResult], list[list[float]] | None]:
     """TaskResults of `tasks` after stage `index`, and the gate matrix if asked; the model is freed on return."""
-    from cl_scale.evaluation.generation import evaluate_task
-    from cl_scale.continual_state import load_stage_model
-
     results = {}
     with load_stage_model(recipe, run, index) as stage:
         for task in tasks:
@@ -118,9 +128,6 @@ def _evaluate_stage(
 
 def _diagnostics(run: RunDir, recipe: Recipe, stages: int, gates: list[list[float]] | None) -> dict[str, Any]:
     """diagnostics.json: branch numbers of the last finished stage (None with one branch) and the gate matrix."""
-    from cl_scale.rundir import SNAPSHOT
-    from cl_scale.evaluation.run_diagnostics import run_branch_diagnostics
-
     branches = run_branch_diagnostics(run.stage_dir(stages - 1) / SNAPSHOT, recipe.method)
     return {
         "stages": stages,
@@ -135,11 +142,6 @@ def _finish(
     stored: dict[str, Any] | None, gates: list[list[float]] | None,
 ) -> RunReport:
     """Rank 0: the matrix with the new cells, its metrics and files, and the diagnostics."""
-    from cl_scale.evaluation.metrics import compute_metrics
-    from cl_scale.evaluation.report import write_matrix_files
-    from cl_scale.evaluation.run_diagnostics import write_diagnostics
-    from cl_scale.stage_results import run_matrix
-
     tasks = run.tasks[:stages]
     matrix = run_matrix(run, stages)
     for (index, task), score in filled.items():
@@ -166,9 +168,6 @@ def _progress_bar(console: Console, total: int) -> Progress:
 
 def _evaluate(run: RunDir, recipe: Recipe, max_examples: int | None, console: Console) -> RunReport:
     """Fill the missing cells of one run (collective) and return its report (the same on every rank)."""
-    from cl_scale.stage_results import write_stage_results
-    from cl_scale.evaluation.run_diagnostics import read_diagnostics
-
     stages = run.finished_prefix()
     if stages == 0:
         raise CLScaleError(
@@ -206,10 +205,6 @@ def _evaluate(run: RunDir, recipe: Recipe, max_examples: int | None, console: Co
 
 
 def _print_report(console: Console, report: RunReport, max_examples: int | None) -> None:
-    from cl_scale.evaluation.report import diagnostics_table, gate_table
-    from cl_scale.evaluation.report import matrix_table
-    from cl_scale.evaluation.run_diagnostics import branch_diagnostics_from_dict
-
     console.print(matrix_table(report.matrix, report.tasks, report.metrics))
     branches, gates = report.diagnostics.get("branches"), report.diagnostics.get("gates")
     if branches is None:
@@ -238,8 +233,6 @@ def evaluate_run(run_dir: Path, *, max_examples: int | None = None) -> RunReport
 
 def compare_runs(run_dirs: Sequence[Path], *, max_examples: int | None = None) -> list[RunReport]:
     """Evaluate each run as needed, then print them side by side: methods as rows, task orders as columns."""
-    from cl_scale.evaluation.report import compare_table, metrics_caption
-
     opened = [open_run_recipe(path) for path in run_dirs]
     with dist_utils.process_group(opened[0][1].train.collective_timeout_s):
         console = _console()

@@ -20,6 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from cl_scale.builtin.factory import builtin_model_dir
 from cl_scale.builtin.specs import BUILTIN_PREFIX
 from cl_scale.errors import CLScaleError
 
@@ -36,8 +37,6 @@ def model_dir(model_cfg: ModelConfig) -> str:
     """The local directory or hub id to load from (building a built-in model on first use)."""
     path: str = model_cfg.path
     if path.startswith(BUILTIN_PREFIX):
-        from cl_scale.builtin.factory import builtin_model_dir
-
         return str(builtin_model_dir(path[len(BUILTIN_PREFIX) :]))
     return path
 
