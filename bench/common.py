@@ -7,23 +7,39 @@ measured within one round (paired), which cancels slow drifts in the machine's l
 Every call is timed on two clocks: wall time, and this process's CPU time. With one torch thread
 (`--threads 1`) the CPU time is the work itself, barely touched by other processes competing for the
 cores, so its ratios are the steadier figure on a loaded machine; wall time is what a user waits.
+
+Also what several benchmarks build the same way: their tiny Llama's size options, and one training step
+of PEFT LoRA and of a cl-scale method without DeepSpeed (driven as the trainer drives it).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from cl_scale.distributed import LocalAccess
+from cl_scale.stage_runner import StageRunner
+
+if TYPE_CHECKING:
+    from cl_scale.methods.base import Method
+    from cl_scale.modeling.wrapper import ContinualModel
+
 Samples = dict[str, list[float]]
 """Seconds per round, by case name."""
+Batch = dict[str, torch.Tensor]
+"""Model inputs: input_ids, attention_mask, prompt_mask, labels."""
+TARGETS = ["q_proj", "v_proj"]
+"""The target modules of the benchmarks' LoRA branches, on both sides of a comparison."""
 
 
 @dataclass
@@ -53,6 +69,15 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
         default="cpu",
         help="where the models compute: cpu, or cuda (then read the wall ratios: CPU time only launches kernels)",
     )
+
+
+def add_tiny_llama_arguments(parser: argparse.ArgumentParser, *, hidden: int, heads: int | None = None) -> None:
+    """--hidden, --layers, --heads (where the benchmark lets it vary) and --vocab of the tiny Llama it builds."""
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--layers", type=int, default=4)
+    if heads is not None:
+        parser.add_argument("--heads", type=int, default=heads)
+    parser.add_argument("--vocab", type=int, default=1024)
 
 
 def header(title: str, threads: int) -> None:
@@ -135,3 +160,47 @@ def peak_rss_bytes() -> int:
 def reset_peak_rss() -> None:
     """Start a new peak-memory window (Linux >= 4.0: writing 5 to clear_refs resets VmHWM)."""
     Path("/proc/self/clear_refs").write_text("5")
+
+
+def peft_step(base: torch.nn.Module, batches: Sequence[Batch], *, rank: int, alpha: float, lr: float) -> Callable[[], None]:
+    """A plain training step of PEFT LoRA on `base` (TARGETS, no dropout, AdamW), on the batches' device;
+    each call takes the next batch, cycling."""
+    from peft import LoraConfig, get_peft_model  # the test extra: only the benchmarks that compare with PEFT need it
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0, bias="none")
+    model = get_peft_model(base, config).to(batches[0]["input_ids"].device)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    inputs = itertools.cycle([{k: b[k] for k in ("input_ids", "attention_mask", "labels")} for b in batches])
+
+    def step() -> None:
+        model(**next(inputs)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def method_step(model: ContinualModel, method: Method, batches: Sequence[Batch], *, lr: float) -> Callable[[], None]:
+    """A training step of cl-scale `method` on its first task without DeepSpeed (plain AdamW), on the batches'
+    device, driven as the trainer drives it: grown, its trainables chosen and `before_task` run once; then
+    each call takes the next batch, cycling: `method.loss`, backward, `before_step`, step, `after_step`."""
+    method.grow(0, torch.Generator().manual_seed(0))
+    model.to(batches[0]["input_ids"].device)
+    params = method.trainable_parameters(0)
+    runner = StageRunner(0, 1, LocalAccess(), model, list(batches))
+    method.before_task(runner)
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    inputs = itertools.cycle(batches)
+
+    def step() -> None:
+        output = model(**next(inputs))
+        loss, _ = method.loss(output.loss, model.context)
+        loss.backward()
+        method.before_step(runner)
+        optimizer.step()
+        method.after_step(runner)
+        optimizer.zero_grad(set_to_none=True)
+
+    return step

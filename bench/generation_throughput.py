@@ -16,12 +16,19 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from common import add_device_argument, add_timing_arguments, header, interleaved, median, print_ratios
+from common import (
+    TARGETS,
+    add_device_argument,
+    add_timing_arguments,
+    add_tiny_llama_arguments,
+    header,
+    interleaved,
+    median,
+    print_ratios,
+)
 
 from cl_scale.builtin.tiny import build_tiny_model, tiny_llama_config
 from cl_scale.modeling.wrapper import ContinualModel, greedy_config
-
-TARGETS = ["q_proj", "v_proj"]
 
 
 def base_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -55,10 +62,7 @@ def gated_model(args: argparse.Namespace) -> ContinualModel:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=1024)
+    add_tiny_llama_arguments(parser, hidden=256, heads=4)
     parser.add_argument("--tasks", type=int, default=5, help="branches per target layer and gates")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)

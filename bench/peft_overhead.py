@@ -16,18 +16,23 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from common import add_device_argument, add_timing_arguments, header, interleaved, print_ratios
-from peft import LoraConfig, get_peft_model
+from common import (
+    TARGETS,
+    Batch,
+    add_device_argument,
+    add_timing_arguments,
+    add_tiny_llama_arguments,
+    header,
+    interleaved,
+    method_step,
+    peft_step,
+    print_ratios,
+)
 
 from cl_scale.builtin.tiny import build_tiny_model, tiny_llama_config
-from cl_scale.distributed import LocalAccess
 from cl_scale.methods import build_method, method_class
 from cl_scale.modeling.wrapper import IGNORE_INDEX, ContinualModel
 from cl_scale.recipe import MethodConfig
-from cl_scale.stage_runner import StageRunner
-
-TARGETS = ["q_proj", "v_proj"]
-Batch = dict[str, torch.Tensor]
 
 
 def make_batch(vocab: int, batch: int, prompt: int, answer: int) -> Batch:
@@ -42,22 +47,6 @@ def make_batch(vocab: int, batch: int, prompt: int, answer: int) -> Batch:
         "prompt_mask": prompt_mask,
         "labels": ids.masked_fill(prompt_mask == 1, IGNORE_INDEX),
     }
-
-
-def peft_step(base: torch.nn.Module, batch: Batch, rank: int, alpha: float, lr: float) -> Callable[[], None]:
-    """A training step of PEFT LoRA on `base` (on the batch's device)."""
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0, bias="none")
-    model = get_peft_model(base, config).to(batch["input_ids"].device)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    inputs = {k: v for k, v in batch.items() if k != "prompt_mask"}
-
-    def step() -> None:
-        model(**inputs).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def cl_scale_step(
@@ -75,33 +64,12 @@ def cl_scale_step(
         dropout=0.0,
         gate_hidden=config.gate.hidden if method_class(method_name).gated else None,
     )
-    method = build_method(config, model, num_tasks=1)
-    method.grow(0, torch.Generator().manual_seed(0))
-    model.to(batch["input_ids"].device)
-    params = method.trainable_parameters(0)
-    runner = StageRunner(0, 1, LocalAccess(), model, [batch])
-    method.before_task(runner)
-    model.train()
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
-    def step() -> None:
-        output = model(**batch)
-        loss, _ = method.loss(output.loss, model.context)
-        loss.backward()
-        method.before_step(runner)
-        optimizer.step()
-        method.after_step(runner)
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return method_step(model, build_method(config, model, num_tasks=1), [batch], lr=lr)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=1024)
+    add_tiny_llama_arguments(parser, hidden=512, heads=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=96, help="prompt tokens per sample")
     parser.add_argument("--answer", type=int, default=32, help="answer tokens per sample (the loss covers these)")
@@ -126,7 +94,7 @@ def main() -> None:
         f"targets {','.join(TARGETS)}  float32  AdamW"
     )
     batch = {k: v.to(args.device) for k, v in make_batch(args.vocab, args.batch, args.prompt, args.answer).items()}
-    cases = {"peft": peft_step(build_tiny_model(config, seed=0), batch, args.rank, args.alpha, args.lr)}
+    cases = {"peft": peft_step(build_tiny_model(config, seed=0), [batch], rank=args.rank, alpha=args.alpha, lr=args.lr)}
     for name in ("inclora", "gainlora"):
         cases[name] = cl_scale_step(build_tiny_model(config, seed=0), batch, name, args.rank, args.alpha, args.lr)
     timings = interleaved(cases, repeats=args.repeats, warmup=args.warmup)

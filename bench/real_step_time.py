@@ -26,60 +26,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import add_timing_arguments, header, interleaved, print_ratios
+from common import TARGETS, add_timing_arguments, header, interleaved, method_step, peft_step, print_ratios
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "smollm2_long4.yaml"
-TARGETS = ["q_proj", "v_proj"]
-
-
-def _plain(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-
-
-def peft_step(base: torch.nn.Module, batches: list[dict], rank: int, alpha: float, lr: float) -> Callable[[], None]:
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0))
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    cycle = iter(range(1 << 30))
-
-    def step() -> None:
-        model(**_plain(batches[next(cycle) % len(batches)])).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def local_step(recipe, base: torch.nn.Module, batches: list[dict]) -> Callable[[], None]:
-    from cl_scale.distributed import LocalAccess
+    """IncLoRA's step without DeepSpeed: the same model and method as in the engine, plain AdamW."""
     from cl_scale.methods import build_method
     from cl_scale.modeling.wrapper import ContinualModel
-    from cl_scale.stage_runner import StageRunner
 
     m = recipe.method
     model = ContinualModel(base, kind="causal", target_modules=TARGETS, rank=m.rank, alpha=m.alpha, dropout=0.0,
                            gate_hidden=None)
-    method = build_method(m, model, num_tasks=1)
-    method.grow(0, torch.Generator().manual_seed(0))
-    runner = StageRunner(0, 1, LocalAccess(), model, batches)
-    method.before_task(runner)
-    model.train()
-    optimizer = torch.optim.AdamW(method.trainable_parameters(0), lr=recipe.train.lr, weight_decay=0.0)
-    cycle = iter(range(1 << 30))
-
-    def step() -> None:
-        output = model(**batches[next(cycle) % len(batches)])
-        loss, _ = method.loss(output.loss, model.context)
-        loss.backward()
-        method.before_step(runner)
-        optimizer.step()
-        method.after_step(runner)
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return method_step(model, build_method(m, model, num_tasks=1), batches, lr=recipe.train.lr)
 
 
 def head_loss_step(base: torch.nn.Module, batches: list[dict]) -> Callable[[], None]:
@@ -169,7 +130,8 @@ def main() -> None:
         print(f"# task {task}, batch {args.batch}, {batches[0]['input_ids'].shape[1]} positions, {tokens:.0f} real tokens "
               f"a batch on average; r {recipe.method.rank}, alpha {recipe.method.alpha:g}, fp32, AdamW")
         cases = {
-            "peft": peft_step(copy.deepcopy(base), batches, recipe.method.rank, recipe.method.alpha, recipe.train.lr),
+            "peft": peft_step(copy.deepcopy(base), batches, rank=recipe.method.rank, alpha=recipe.method.alpha,
+                              lr=recipe.train.lr),
             "inclora_local": local_step(recipe, copy.deepcopy(base), batches),
             "head_loss": head_loss_step(base, batches),
             "collate": lambda: rows.batch(groups[0]),

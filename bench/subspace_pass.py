@@ -26,15 +26,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import add_timing_arguments, header, interleaved, print_ratios
+from common import Batch, add_timing_arguments, add_tiny_llama_arguments, header, interleaved, print_ratios
 
 from cl_scale.builtin.tiny import build_tiny_model, tiny_llama_config
 from cl_scale.methods import build_method
 from cl_scale.modeling.wrapper import IGNORE_INDEX, ContinualModel
 from cl_scale.recipe import MethodConfig
 from cl_scale.subspace import collect_gate_moments, collect_layer_inputs, layer_statistics
-
-Batch = dict[str, torch.Tensor]
 
 
 def gainlora_model(hidden: int, layers: int, vocab: int) -> tuple[ContinualModel, list[torch.nn.Parameter]]:
@@ -178,9 +176,7 @@ def report_time(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=1024)
+    add_tiny_llama_arguments(parser, hidden=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128, help="padded length of a batch")
     parser.add_argument("--sizes", type=int, nargs=2, default=[32, 128], help="two data sizes (samples)")
