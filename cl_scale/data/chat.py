@@ -15,8 +15,9 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from cl_scale.data.collators import (
-    IGNORE_INDEX,
     _check_lengths,
+    _decoder_prompt_rows,
+    _decoder_rows,
     _encode,
     _eos,
     _tokenize,
@@ -81,21 +82,17 @@ def _chat_batch(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_source_length: int, max_target_length: int,
     chat_template: str,
 ) -> dict:
-    rows: dict[str, list] = {"input_ids": [], "labels": [], "prompt_mask": []}
-    for prompt_text, target in zip(batch["prompt"], batch["target"]):
+    def pair(prompt_text: str, target: str) -> tuple[list[int], list[int]]:
         content, text, prompt = _prompt(tokenizer, prompt_text, max_source_length)
-        answer = _answer(tokenizer, content, text, target, max_target_length)
-        rows["input_ids"].append(prompt + answer)
-        rows["labels"].append([IGNORE_INDEX] * len(prompt) + answer)
-        rows["prompt_mask"].append([1] * len(prompt) + [0] * len(answer))
-    return rows
+        return prompt, _answer(tokenizer, content, text, target, max_target_length)
+
+    return _decoder_rows(pair(prompt_text, target) for prompt_text, target in zip(batch["prompt"], batch["target"]))
 
 
 def _chat_prompt_batch(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_source_length: int, chat_template: str
 ) -> dict:
-    prompts = [_prompt(tokenizer, p, max_source_length)[2] for p in batch["prompt"]]
-    return {"input_ids": prompts, "prompt_mask": [[1] * len(p) for p in prompts]}
+    return _decoder_prompt_rows([_prompt(tokenizer, p, max_source_length)[2] for p in batch["prompt"]])
 
 
 def _template(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -7,7 +7,7 @@ column is kept so predictions can be matched back; collators ignore it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -89,21 +89,32 @@ def _causal_prompt(bos: list[int], prompt: list[int], max_source_length: int) ->
     return bos + prompt[max(0, len(prompt) - keep) :]
 
 
+def _decoder_rows(pairs: Iterable[tuple[list[int], list[int]]]) -> dict[str, list]:
+    """Decoder-only training rows from (prompt ids, answer ids): prompt + answer, the loss on the answer only."""
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "prompt_mask": []}
+    for prompt, answer in pairs:
+        rows["input_ids"].append(prompt + answer)
+        rows["labels"].append([IGNORE_INDEX] * len(prompt) + answer)
+        rows["prompt_mask"].append([1] * len(prompt) + [0] * len(answer))
+    return rows
+
+
+def _decoder_prompt_rows(prompts: list[list[int]]) -> dict[str, list]:
+    """Decoder-only generation rows: the prompts' ids alone, all prompt."""
+    return {"input_ids": prompts, "prompt_mask": [[1] * len(p) for p in prompts]}
+
+
 def _causal_batch(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_source_length: int, max_target_length: int,
     space_in_answer: bool,
 ) -> dict:
     eos, bos = _eos(tokenizer), _bos(tokenizer)
-    rows: dict[str, list] = {"input_ids": [], "labels": [], "prompt_mask": []}
     prompts = _prompt_ids(tokenizer, batch["prompt"], space_in_answer)
     answers = _answer_ids(tokenizer, batch["prompt"], prompts, batch["target"], space_in_answer)
-    for prompt, answer in zip(prompts, answers):
-        prompt = _causal_prompt(bos, prompt, max_source_length)
-        answer = answer[: max_target_length - 1] + [eos]
-        rows["input_ids"].append(prompt + answer)
-        rows["labels"].append([IGNORE_INDEX] * len(prompt) + answer)
-        rows["prompt_mask"].append([1] * len(prompt) + [0] * len(answer))
-    return rows
+    return _decoder_rows(
+        (_causal_prompt(bos, prompt, max_source_length), answer[: max_target_length - 1] + [eos])
+        for prompt, answer in zip(prompts, answers)
+    )
 
 
 def _causal_prompt_batch(
@@ -111,8 +122,7 @@ def _causal_prompt_batch(
 ) -> dict:
     bos = _bos(tokenizer)
     ids = _prompt_ids(tokenizer, batch["prompt"], space_in_answer)
-    prompts = [_causal_prompt(bos, p, max_source_length) for p in ids]
-    return {"input_ids": prompts, "prompt_mask": [[1] * len(p) for p in prompts]}
+    return _decoder_prompt_rows([_causal_prompt(bos, p, max_source_length) for p in ids])
 
 
 def _seq2seq_batch(
