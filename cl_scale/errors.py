@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 
 class CLScaleError(Exception):
@@ -31,6 +33,20 @@ def read_json(path: os.PathLike[str] | str, *, fix: str) -> object:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise CLScaleError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})", fix) from err
+
+
+def read_format_json(
+    path: os.PathLike[str] | str, expected: str, *, missing: CLScaleError, fix: str,
+    other: Callable[[object], CLScaleError],
+) -> dict[str, Any]:
+    """The JSON object in `path` whose "format" is `expected`: no such file raises `missing`, invalid JSON
+    `read_json`'s error (with `fix`), anything else `other(the format found, None if there is none)`."""
+    if not os.path.isfile(path):
+        raise missing
+    data = read_json(path, fix=fix)
+    if not isinstance(data, dict) or data.get("format") != expected:
+        raise other(data.get("format") if isinstance(data, dict) else None)
+    return data
 
 
 def read_safetensors(path: os.PathLike[str] | str, *, problem: str, fix: str) -> dict:

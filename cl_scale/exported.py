@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cl_scale.continual_state import build_state
 from cl_scale.distributed import LocalAccess
-from cl_scale.errors import CLScaleError, read_json, read_safetensors
+from cl_scale.errors import CLScaleError, read_format_json, read_safetensors
 from cl_scale.export import ADAPTER_WEIGHTS, GATED_CONFIG, GATED_FORMAT, PEFT_PREFIX
 from cl_scale.local_stage import LocalStage, on_device
 from cl_scale.recipe import load_recipe
@@ -21,14 +21,17 @@ def load_exported(folder: str | Path, base: str | None = None) -> LocalStage:
     """The gated model exported to `folder`, on this process's device; `base` replaces the base model path."""
     folder = Path(folder)
     config_path = folder / GATED_CONFIG
-    if not config_path.is_file():
-        raise CLScaleError(
+    config = read_format_json(
+        config_path, GATED_FORMAT,
+        missing=CLScaleError(
             f"{folder} is not a gated cl-scale export (no {GATED_CONFIG})",
             "point to a folder written by `cl-scale export RUN --format gated`",
-        )
-    config = read_json(config_path, fix="the export is damaged: export the run again")
-    if not isinstance(config, dict) or config.get("format") != GATED_FORMAT:
-        raise CLScaleError(f"{config_path} is not a {GATED_FORMAT} config", "export the run again with this cl-scale")
+        ),
+        fix="the export is damaged: export the run again",
+        other=lambda _: CLScaleError(
+            f"{config_path} is not a {GATED_FORMAT} config", "export the run again with this cl-scale"
+        ),
+    )
     recipe = load_recipe(folder / config["recipe"])
     if base is not None:
         recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"path": base})})

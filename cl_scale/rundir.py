@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cl_scale import atomic
-from cl_scale.errors import CLScaleError, read_json
+from cl_scale.errors import CLScaleError, read_format_json
 
 FORMAT = "cl-scale-run/1"
 RECIPE_YAML = "recipe.yaml"
@@ -136,20 +136,17 @@ class RunDir:
 
 def open_run(path: Path) -> RunDir:
     """Open an existing run directory, or explain why it is not one."""
-    manifest_path = path / MANIFEST_JSON
     if not path.is_dir():
         raise CLScaleError(f"run directory {path} does not exist", "check the path (runs are under output.dir)")
-    if not manifest_path.is_file():
-        raise CLScaleError(
-            f"{path} is not a cl-scale run directory (no manifest.json)",
-            "point to a folder made by `cl-scale train`",
-        )
-    manifest = read_json(manifest_path, fix="the manifest is corrupted: restore it from a backup or start a new run")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CLScaleError(
-            f"{path} is not a cl-scale run directory (manifest format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r})",
-            "point to a folder made by `cl-scale train`",
-        )
+    fix = "point to a folder made by `cl-scale train`"
+    manifest = read_format_json(
+        path / MANIFEST_JSON, FORMAT,
+        missing=CLScaleError(f"{path} is not a cl-scale run directory (no manifest.json)", fix),
+        fix="the manifest is corrupted: restore it from a backup or start a new run",
+        other=lambda found: CLScaleError(
+            f"{path} is not a cl-scale run directory (manifest format is {found!r}, expected {FORMAT!r})", fix
+        ),
+    )
     if not (path / RECIPE_YAML).is_file():
         raise CLScaleError(f"{path} has a manifest but no recipe.yaml", "the run directory is damaged; start a new run")
     return RunDir(path, manifest)
