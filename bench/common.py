@@ -162,7 +162,9 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def peft_step(base: torch.nn.Module, batches: Sequence[Batch], *, rank: int, alpha: float, lr: float) -> Callable[[], None]:
+def peft_step(
+    base: torch.nn.Module, batches: Sequence[Batch], *, rank: int, alpha: float, lr: float
+) -> Callable[[], None]:
     """A plain training step of PEFT LoRA on `base` (TARGETS, no dropout, AdamW), on the batches' device;
     each call takes the next batch, cycling."""
     from peft import LoraConfig, get_peft_model  # the test extra: only the benchmarks that compare with PEFT need it
