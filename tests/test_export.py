@@ -25,7 +25,7 @@ from cl_scale.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, GATED_CONFIG, expor
 from cl_scale.local_stage import load_run
 from cl_scale.modeling.loading import model_dir
 from tests.export_helpers import peft_logits, plain_model, sample_inputs, stage_logits
-from tests.trainer_helpers import launch, write_recipe
+from tests.trainer_helpers import train_runs, write_recipe
 
 runner = CliRunner()
 TASKS = ["reverse", "sort"]
@@ -42,16 +42,15 @@ RANK = 4
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, tiny_t5_dir: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("export")
     models = {"llama": tiny_llama_dir, "t5": tiny_t5_dir}
-    pairs = []
-    for name, (model, method) in RUNS.items():
-        recipe = write_recipe(
+    recipes = {
+        name: write_recipe(
             root / f"{name}.yaml", models[model], method={"rank": RANK, "alpha": 8.0, "gate": {"hidden": 16}, **method},
             data={"root": "builtin:synthetic", "tasks": TASKS, "max_train_examples": 16, "max_eval_examples": 4},
             train={"epochs": 2, "per_device_batch": 4, "global_batch": 8, "lr": 2e-2},
         )
-        pairs.append((recipe, root / name))
-    launch(pairs, ranks=1, cache=root / "cache")
-    return {name: root / name for name in RUNS}
+        for name, (model, method) in RUNS.items()
+    }
+    return train_runs(root, recipes)
 
 
 def _free_port() -> str:

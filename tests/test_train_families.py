@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from cl_scale.plan import PUBLIC_MODELS
-from tests.trainer_helpers import launch, train_log, write_recipe
+from tests.trainer_helpers import launch, train_log, train_runs, write_recipe
 
 FAMILIES = {
     "llama3": "meta-llama/Llama-3.1-8B",
@@ -60,15 +60,14 @@ def family_dirs(tmp_path_factory: pytest.TempPathFactory, llama_tokenizer_dir: P
 def family_runs(tmp_path_factory: pytest.TempPathFactory, family_dirs: dict[str, Path]) -> dict[str, tuple[Path, Path]]:
     """Every family trained on two synthetic tasks with GainLoRA, one launch: (recipe, run) by family."""
     root = tmp_path_factory.mktemp("family_runs")
-    pairs = []
+    recipes = {}
     for name, model in family_dirs.items():
         # Gemma-2's attention soft-capping has no sdpa kernel in transformers: eager, as its recipe says.
         attention = {"attn_implementation": "eager"} if name == "gemma2" else {}
-        recipe = write_recipe(root / f"{name}.yaml", model, model=attention,
-                              train={"epochs": 1, "per_device_batch": 4, "global_batch": 8})
-        pairs.append((recipe, root / f"run-{name}"))
-    launch(pairs, ranks=1, cache=root / "cache")
-    return dict(zip(family_dirs, pairs))
+        recipes[name] = write_recipe(root / f"{name}.yaml", model, model=attention,
+                                     train={"epochs": 1, "per_device_batch": 4, "global_batch": 8})
+    runs = train_runs(root, recipes)
+    return {name: (recipes[name], runs[name]) for name in recipes}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -21,7 +21,7 @@ from cl_scale.modeling.loading import load_base_model
 from cl_scale.recipe import load_recipe
 from cl_scale.tracking import TENSORBOARD_DIR
 from cl_scale.tracking import require_monitor_packages
-from tests.trainer_helpers import launch, manifest, stage_tensors, train_log, write_recipe
+from tests.trainer_helpers import manifest, stage_tensors, train_log, train_runs, write_recipe
 
 TASKS = ["reverse", "sort", "first"]
 STAGES = [f"{i + 1:02d}-{task}" for i, task in enumerate(TASKS)]
@@ -53,17 +53,16 @@ HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> dict[str, Path]:
     """The six methods, 3 tasks of 2 optimizer steps each, one process; GainLoRA also writes TensorBoard."""
     root = tmp_path_factory.mktemp("methods")
-    pairs = []
-    for name, method in METHODS.items():
-        recipe = write_recipe(
+    recipes = {
+        name: write_recipe(
             root / f"{name}.yaml", tiny_llama_dir, method={"rank": 4, "gate": {"hidden": 16}, **method},
             data={"root": "builtin:synthetic", "tasks": TASKS, "max_train_examples": 16, "max_eval_examples": 4},
             train={"epochs": 1, "per_device_batch": 4, "global_batch": 8, "lr": 5e-3,
                    "tensorboard": HAS_TENSORBOARD and name == "gainlora"},
         )
-        pairs.append((recipe, root / f"run-{name}"))
-    launch(pairs, ranks=1, cache=root / "cache")
-    return {name: run for name, (_, run) in zip(METHODS, pairs)}
+        for name, method in METHODS.items()
+    }
+    return train_runs(root, recipes)
 
 
 @pytest.mark.parametrize("method", list(METHODS))

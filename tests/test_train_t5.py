@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.trainer_helpers import launch, write_recipe
+from tests.trainer_helpers import train_runs, write_recipe
 
 CONFIGS = {"zero3": "ds_configs/zero3.json", "zero2": "ds_configs/zero2.json"}
 
@@ -16,16 +16,15 @@ CONFIGS = {"zero3": "ds_configs/zero3.json", "zero2": "ds_configs/zero2.json"}
 @pytest.fixture(scope="module")
 def t5_runs(tmp_path_factory: pytest.TempPathFactory, tiny_t5_dir: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("t5")
-    pairs = []
-    for name, config in CONFIGS.items():
-        recipe = write_recipe(
+    recipes = {
+        name: write_recipe(
             root / f"{name}.yaml", tiny_t5_dir,
             model={"path": str(tiny_t5_dir), "dtype": "fp32", "kind": "auto"},
             deepspeed={"config": config, "overrides": {}},
         )
-        pairs.append((recipe, root / f"run-{name}"))
-    launch(pairs, ranks=1, cache=root / "cache")
-    return {name: run for name, (_, run) in zip(CONFIGS, pairs)}
+        for name, config in CONFIGS.items()
+    }
+    return train_runs(root, recipes)
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))

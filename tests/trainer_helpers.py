@@ -79,6 +79,14 @@ def launch(
     return result
 
 
+def train_runs(root: Path, recipes: dict[str, Path]) -> dict[str, Path]:
+    """Train the named recipes in one single-process launch (cache in root/cache); each run directory
+    (root/run-NAME) by name."""
+    runs = {name: root / f"run-{name}" for name in recipes}
+    launch([(recipe, runs[name]) for name, recipe in recipes.items()], ranks=1, cache=root / "cache")
+    return runs
+
+
 def shm_buffers() -> set[str]:
     """Names of DeepSpeed's CPU all-reduce buffers in /dev/shm (each holds 69 MB of RAM until removed)."""
     return {path.name for path in Path("/dev/shm").glob(f"{DEEPSPEED_SHM_PREFIX}*")}
