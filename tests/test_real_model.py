@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from modeling_fixtures import copy_branch_into_peft
+from modeling_fixtures import copy_branch_into_peft, grown
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
@@ -65,16 +65,7 @@ def one_branch(base: torch.nn.Module, *, gate_hidden: int | None = None, tasks: 
         copy.deepcopy(base), kind="causal", target_modules=["q_proj", "v_proj"], rank=8, alpha=32.0,
         dropout=0.0, gate_hidden=gate_hidden,
     )
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(tasks):
-        model.add_branches(generator)
-        if gate_hidden is not None:
-            model.add_gate(generator)
-    with torch.no_grad():
-        for layer in model.branched.values():
-            for _, b in layer.branches():
-                b.normal_(0.0, 0.02, generator=generator)
-    return model.eval()
+    return grown(model, tasks, seed=0, b_std=0.02)
 
 
 def collate(tokenizer: Tokenizer, ds: Dataset) -> dict[str, torch.Tensor]:
