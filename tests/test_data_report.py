@@ -52,25 +52,21 @@ def test_list_of_the_builtin_suite_shows_its_tasks(wide_colour: None, capsys: py
     assert " reverse " in out and " count " in out
 
 
-def test_check_reports_token_lengths_and_truncation(
-    bench: Path, llama_tokenizer_dir: Path, wide_colour: None, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    recipe = fake_recipe(str(bench), str(llama_tokenizer_dir), ["cb"])
-    check_recipe_cli(recipe)
-    out = capsys.readouterr().out
-    assert "Lengths in tokens" in out
-    train_row = next(line for line in out.splitlines() if " train " in line and "cb" in line)
+@pytest.fixture
+def cb_check(bench: Path, llama_tokenizer_dir: Path, wide_colour: None, capsys: pytest.CaptureFixture[str]) -> str:
+    """What the data check prints for the cb task with the Llama tokenizer (prompts of at most 16 tokens)."""
+    check_recipe_cli(fake_recipe(str(bench), str(llama_tokenizer_dir), ["cb"]))
+    return capsys.readouterr().out
+
+
+def test_check_reports_token_lengths_and_truncation(cb_check: str) -> None:
+    assert "Lengths in tokens" in cb_check
+    train_row = next(line for line in cb_check.splitlines() if " train " in line and "cb" in line)
     assert f"{RED}3" in train_row  # all three 30-word prompts exceed 16 tokens
 
 
-def test_check_reports_missing_splits(
-    bench: Path, llama_tokenizer_dir: Path, wide_colour: None, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    recipe = fake_recipe(str(bench), str(llama_tokenizer_dir), ["cb"])
-    check_recipe_cli(recipe)
-    test_row = next(line for line in capsys.readouterr().out.splitlines() if " test " in line)
+def test_check_reports_missing_splits(cb_check: str) -> None:
+    test_row = next(line for line in cb_check.splitlines() if " test " in line)
     assert f"{RED}missing" in test_row
 
 
