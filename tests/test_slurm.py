@@ -18,10 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.slurm_cluster import SlurmCluster, missing_reason, slurm_cluster
-from tests.trainer_helpers import REPO, launch, train_log, write_recipe
+from cl_scale.rundir import IN_PROGRESS, TRAIN_LOG
+from tests.slurm_cluster import FINISHED, SlurmCluster, missing_reason, slurm_cluster
+from tests.trainer_helpers import REPO, launch, train_log, wait_until, write_recipe
 
 SCRIPT = REPO / "slurm" / "train.sbatch"
+TASKS = ["reverse", "sort"]  # write_recipe's tasks
+EVERY = 2
+STEPS_TWO = 32 // 16 * 8  # task 2: 32 examples, global batch 16, 8 epochs
 VENV_BIN = str(Path(sys.executable).parent)
 
 # Expands Slurm host lists like gpu[01-02,05],login1 the way `scontrol show hostnames` does.
@@ -209,14 +213,21 @@ def _finished_stages(run_dir: Path) -> int:
         return 0
 
 
+def _live_steps(run_dir: Path, stage: str) -> int:
+    path = run_dir / IN_PROGRESS / stage / TRAIN_LOG
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
 @pytest.mark.slurm
-def test_sbatch_job_requeued_midway_matches_deepspeed_launch(
+def test_sbatch_job_requeued_inside_a_task_resumes_from_its_checkpoint_and_matches_deepspeed_launch(
     cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path
 ) -> None:
-    """1 node x 2 CPU ranks; after stage 1 the job gets USR1 (as before its time limit), requeues itself and
-    resumes; the finished run equals an uninterrupted `deepspeed --num_gpus 2` launch."""
+    """1 node x 2 CPU ranks; in the middle of task 2 the job gets USR1 (as before its time limit) and requeues
+    itself; Slurm's SIGTERM makes the ranks checkpoint their step; the restarted job resumes from that
+    checkpoint, and the finished run equals an uninterrupted `deepspeed --num_gpus 2` launch."""
     root = tmp_path_factory.mktemp("slurm_job")
-    recipe = write_recipe(root / "tiny.yaml", tiny_llama_dir)
+    recipe = write_recipe(root / "tiny.yaml", tiny_llama_dir,
+                          train={"epochs_per_task": {"sort": 8}, "checkpoint_every_steps": EVERY})
     direct = root / "direct"
     launch([(recipe, direct)], ranks=2, cache=root / "cache-direct")
 
@@ -238,8 +249,10 @@ def test_sbatch_job_requeued_midway_matches_deepspeed_launch(
     def check(ok: bool, fields: dict[str, str]) -> None:
         assert ok, f"{fields}\n{_job_logs(workdir)}\n{cluster.logs()}"
 
-    fields = cluster.wait(job, timeout=900, until=lambda f: _finished_stages(run_dir) >= 1)
-    check(_finished_stages(run_dir) == 1, fields)
+    stage_two = f"02-{TASKS[1]}"
+    wait_until(lambda: _live_steps(run_dir, stage_two) > EVERY or cluster.job(job).get("JobState") in FINISHED,
+               what="task 2 past its first checkpoint", timeout=900)
+    check(_finished_stages(run_dir) == 1 and _live_steps(run_dir, stage_two) < STEPS_TWO, cluster.job(job))
     # What Slurm does ten minutes before the time limit (--signal=B:USR1@600): the script requeues the job.
     cluster.command("scancel", "--batch", "--signal=USR1", job)
     fields = cluster.wait(job, timeout=120, until=lambda f: f.get("Restarts") == "1")
@@ -255,5 +268,9 @@ def test_sbatch_job_requeued_midway_matches_deepspeed_launch(
     assert "restart 0" in logs and "starts runs/tiny (no manifest yet)" in logs
     assert "USR1 (time limit near): requeueing" in logs
     assert "restart 1" in logs and "resumes runs/tiny (its manifest exists)" in logs
-    assert len(json.loads((run_dir / "manifest.json").read_text())["sessions"]) == 2
+    sessions = json.loads((run_dir / "manifest.json").read_text())["sessions"]
+    assert len(sessions) == 2
+    resumed = sessions[-1]["resumed_from"]
+    assert resumed["index"] == 1 and resumed["task"] == TASKS[1] and EVERY <= resumed["step"] < STEPS_TWO, resumed
+    assert not (run_dir / IN_PROGRESS).exists()
     _compare_runs(direct, run_dir)
