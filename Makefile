@@ -58,7 +58,7 @@ real-model: $(REAL_STAMP)
 test-real: real-model
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m real tests/test_real_model.py
 
-# Seven methods on a real CL_Benchmark sequence (about 2 h on 2 loaded CPU cores, see docs/RESULTS.md; resumable per method).
+# Seven methods on a real CL_Benchmark sequence (50 min measured on 2 CPU cores, see docs/RESULTS.md; resumable per method).
 bench-real: real-model
 	$(PY) bench/real_benchmark.py --model "$$($(PY) -m cl_scale.real_model)"
 
