@@ -250,13 +250,20 @@ def test_one_and_two_ranks_give_the_same_losses(worlds: dict[int, Path]) -> None
 
 
 def test_one_and_two_ranks_give_the_same_snapshots(worlds: dict[int, Path]) -> None:
+    """Each tensor within 1e-3 of its norm. Not element by element: after two Adam steps an entry whose
+    gradient is at float-noise level has moved by about +-lr whatever that gradient's size, and the sums
+    of 1 and 2 ranks differ in their last bits, so single entries of B can differ by a few percent of lr
+    (measured: 1 of 4,608 entries of one B by 2.1e-5, relative norm difference 5.9e-4). A partition read
+    or written wrongly differs by the tensor's whole size."""
     from tests.trainer_helpers import stage_tensors
 
     for stage in ("01-sst2", "02-agnews"):
         one, two = stage_tensors(worlds[1], stage), stage_tensors(worlds[2], stage)
         assert one.keys() == two.keys() and one
         for name in one:
-            torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=f"{stage} {name}")
+            assert one[name].norm() > 0, f"{stage} {name} is zero: nothing to compare"
+            relative = ((two[name] - one[name]).norm() / one[name].norm()).item()
+            assert relative < 1e-3, (stage, name, relative)
 
 
 def _chat_rows(folder: Path, tokenizer: Tokenizer, sst2: Dataset, *, prompts_only: bool) -> Dataset:
