@@ -11,6 +11,8 @@ v_proj, no dropout, AdamW on both sides. The cases, every one run once per round
                   trainer steps it (method loss, before_step, engine.step, after_step)
   inclora_zero2   the same in a ZeRO-2 engine (`--set deepspeed.config=ds_configs/zero2.json`): with a world
                   of one nothing is partitioned either way, so results are the same
+  inclora_resident the same ZeRO-3 engine with every parameter persistent (stage3_param_persistence_threshold
+                  above every parameter's size): what ZeRO-3's gather and release of each module costs
   inclora_local   the same IncLoRA model and method without DeepSpeed (plain AdamW): what ZeRO-3 costs
   head_loss       the 49,152-wide output layer and its fp32 cross-entropy alone, forward + backward from
                   the final hidden states: the share of a step no adapter method can avoid
@@ -30,6 +32,9 @@ from common import TARGETS, add_timing_arguments, header, interleaved, method_st
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "smollm2_long4.yaml"
+RESIDENT = 10**12
+"""A ZeRO-3 persistence threshold above every parameter's size: nothing is partitioned, so no forward or
+backward gathers (with a world of one a partition is the whole parameter anyway)."""
 
 
 def local_step(recipe, base: torch.nn.Module, batches: list[dict]) -> Callable[[], None]:
@@ -118,7 +123,10 @@ def main() -> None:
         # Plain copies first: once the ZeRO-3 integration object exists, every from_pretrained partitions.
         base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         zero2 = recipe.model_copy(update={"deepspeed": recipe.deepspeed.model_copy(update={"config": "ds_configs/zero2.json"})})
-        configs = {"inclora_zero2": build_ds_config(zero2, 1), "inclora": build_ds_config(recipe, 1)}
+        resident = recipe.model_copy(update={"deepspeed": recipe.deepspeed.model_copy(update={
+            "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": RESIDENT}}})})
+        configs = {"inclora_zero2": build_ds_config(zero2, 1), "inclora": build_ds_config(recipe, 1),
+                   "inclora_resident": build_ds_config(resident, 1)}
         states = {name: build_state(recipe, config, num_tasks=1) for name, config in configs.items()}
         state = states["inclora"]
         rows = prepare_task(recipe.data, recipe.train.seed, state.tokenizer, "causal", task, "train", prompts_only=False,
@@ -144,6 +152,7 @@ def main() -> None:
         ("PEFT LoRA (reference)", "peft", "peft"),
         ("cl-scale IncLoRA / PEFT", "inclora", "peft"),
         ("IncLoRA ZeRO-2 / PEFT", "inclora_zero2", "peft"),
+        ("IncLoRA ZeRO-3 resident / PEFT", "inclora_resident", "peft"),
         ("IncLoRA no DeepSpeed / PEFT", "inclora_local", "peft"),
         ("output layer + loss / PEFT", "head_loss", "peft"),
         ("collation / PEFT", "collate", "peft"),

@@ -1,7 +1,8 @@
 """Checkpoints inside a task, so a preempted or requeued run continues the stage it was training.
 
-Every `train.checkpoint_every_steps` optimizer steps, and when the scheduler asks the job to stop
-(SIGUSR1 or SIGTERM), every rank writes DeepSpeed's own engine checkpoint of the stage's engine (the
+Every `train.checkpoint_every_steps` optimizer steps and after the stage's last step (so a stop during
+the data pass or evaluation repeats no step), and when the scheduler asks the job to stop (SIGUSR1 or
+SIGTERM), every rank writes DeepSpeed's own engine checkpoint of the stage's engine (the
 trainable partitions with their fp32 masters, the optimizer and the LR scheduler) into
 `<run>/in_progress/<stage>/checkpoint/<tag>/`, plus its RNG state; then rank 0 writes `complete.json`
 (the optimizer steps done, the step records so far). Only a tag with that file is ever loaded, so a
@@ -120,6 +121,11 @@ class StopSignal:
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self.received = True
+
+    def agreed(self) -> bool:
+        """Whether any rank has received a signal; every rank gets the same answer. Collective."""
+        flag = torch.tensor([1.0 if self.received else 0.0], dtype=torch.float64)
+        return dist_utils.all_reduce_sum(flag).item() > 0
 
     def __enter__(self) -> Self:
         for sig in STOP_SIGNALS:

@@ -14,6 +14,7 @@ import contextlib
 import gc
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -246,6 +247,8 @@ class StageOutcome:
     log: list[dict[str, Any]]
     results: dict[str, TaskResult]
     counts: dict[str, Any]
+    stop_after_commit: bool = False
+    """A stop signal came after training with checkpoints off: the stage was finished, the run stops now."""
 
 
 def _train_stage(session: Session, index: int) -> None:
@@ -266,6 +269,10 @@ def _train_stage(session: Session, index: int) -> None:
             steps = sum(s["steps"] for s in session.run.manifest["stages"] if s["index"] <= index)
             session.tracker.log_scores({t: r.score for t, r in outcome.results.items()}, steps)
         _print_matrix(session)
+    if outcome.stop_after_commit:
+        session.console.print(f"stopped by a signal after stage {index + 1} ({task}) was committed: "
+                              "--resume goes on with the next stage")
+        raise StopRequested
 
 
 def _run_engine(session: Session, index: int, train_rows: TaskRows) -> StageOutcome:
@@ -277,7 +284,7 @@ def _run_engine(session: Session, index: int, train_rows: TaskRows) -> StageOutc
         start_from_adapter(session.model, recipe, trainable)
     optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe.train.warmup_steps))
-    with dist_utils.deepspeed_engine(
+    with checkpoint.StopSignal() as stop, dist_utils.deepspeed_engine(
         session.model, session.ds_config, optimizer=optimizer, lr_scheduler=scheduler
     ) as engine:
         counts = _parameter_counts(session.model, trainable)
@@ -293,15 +300,45 @@ def _run_engine(session: Session, index: int, train_rows: TaskRows) -> StageOutc
                                   f"{_stage_label(session, index)} data pass")
         runner = StageRunner(index, len(session.tasks), ZeroAccess(), engine, batches)
         session.method.before_task(runner)
-        log = _train_epochs(session, engine, runner, train_rows)
+        log = _train_epochs(session, engine, runner, train_rows, stop)
+        after = _AfterTraining(session, stop, index)
+        after.check()
         session.method.after_task(runner)
+        after.check()
         snapshot = _snapshot(session)
-        return StageOutcome(snapshot, log, _evaluate_stage(session, engine, index), counts)
+        results = _evaluate_stage(session, engine, index, after.check)
+        return StageOutcome(snapshot, log, results, counts, stop_after_commit=after.deferred)
+
+
+class _AfterTraining:
+    """Stop signals between the phases that follow a stage's training (its data pass, each evaluation cell).
+
+    Every rank asks at the same points and gets the same answer. With checkpoints on, training's last step
+    is saved, so the run stops at once and `--resume` repeats only these phases; with them off there is
+    nothing to resume inside the stage, so it is finished and committed first.
+    """
+
+    def __init__(self, session: Session, stop: checkpoint.StopSignal, index: int) -> None:
+        self.session, self.stop, self.index = session, stop, index
+        self.deferred = False
+
+    def check(self) -> None:
+        """Collective: raise StopRequested (checkpoints on) or note the stop for after the commit."""
+        if self.deferred or not self.stop.agreed():
+            return
+        task = self.session.tasks[self.index]
+        if self.session.recipe.train.checkpoint_every_steps:
+            self.session.console.print(f"stopped by a signal after training {task}: its last step's checkpoint "
+                                       "stands, --resume goes on from there")
+            raise StopRequested
+        self.deferred = True
 
 
 def _train_epochs(
-    session: Session, engine: DeepSpeedEngine, runner: StageRunner, train_rows: TaskRows
+    session: Session, engine: DeepSpeedEngine, runner: StageRunner, train_rows: TaskRows, stop: checkpoint.StopSignal
 ) -> list[dict[str, Any]]:
+    """The stage's optimizer steps from its newest checkpoint on; with checkpoints on, the last step is saved
+    too, so a stop after training (data pass, evaluation) does not repeat any step."""
     recipe, task = session.recipe, session.tasks[runner.task_index]
     epochs = recipe.train.epochs_for(task)
     world, rank = dist_utils.world_size(), dist_utils.rank()
@@ -335,7 +372,7 @@ def _train_epochs(
     live_log = session.run.in_progress_dir(runner.task_index) / TRAIN_LOG
     with session.reporter.bar(label, total_steps, every=recipe.train.log_every, done=len(log)) as bar, (
         LiveStepLog(live_log, log) if dist_utils.is_main() else contextlib.nullcontext()
-    ) as live, checkpoint.StopSignal() as stop:
+    ) as live:
         for epoch, indices in micro_batches:
             batch = train_rows.batch(indices)
             output = engine(**batch)
@@ -368,6 +405,8 @@ def _train_epochs(
                 session.console.print(f"stopped by a signal after step {len(log)}/{total_steps} of {task}: "
                                       f"checkpoint written, --resume goes on from there")
                 raise StopRequested
+    if every and (resumable is None or resumable.step < len(log)):
+        checkpoint.save(engine, checkpoints, len(log), log, recipe)
     return log
 
 
@@ -388,7 +427,9 @@ def _snapshot(session: Session) -> dict[str, torch.Tensor]:
     return {n: v.contiguous() for n, v in zip(names, values)}
 
 
-def _evaluate_stage(session: Session, engine: DeepSpeedEngine, index: int) -> dict[str, TaskResult]:
+def _evaluate_stage(
+    session: Session, engine: DeepSpeedEngine, index: int, between_cells: Callable[[], None]
+) -> dict[str, TaskResult]:
     if index not in session.recipe.eval.evaluated_stages(len(session.tasks)):
         return {}
     results = {}
@@ -400,6 +441,7 @@ def _evaluate_stage(session: Session, engine: DeepSpeedEngine, index: int) -> di
             )
             session.console.print(f"  eval {task}: {results[task].metric} {results[task].score:.2f}")
             bar.update(done)
+            between_cells()
     return results
 
 
