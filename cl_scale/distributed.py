@@ -393,6 +393,8 @@ def process_group(timeout_s: float) -> Iterator[None]:
     try:
         with explain_collective_failures(timeout_s):
             yield
+            if owns_group:
+                barrier()  # on success only: no rank tears its connections down while a peer still reads them
     finally:
         if owns_group:
             shutdown_distributed()
