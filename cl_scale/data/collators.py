@@ -74,12 +74,10 @@ def _answer_ids(
     like SentencePiece, gives the answer's first word its usual token), else tokenised with the space."""
     if not space_in_answer:
         return _encode(tokenizer, answers)
-    splits = [_split_space(p, True) for p in prompts]
-    wholes = _encode(tokenizer, [head + space + answer for (head, space), answer in zip(splits, answers)])
-    spaced = _encode(tokenizer, [space + answer for (_, space), answer in zip(splits, answers)])
+    wholes = _encode(tokenizer, [p + a for p, a in zip(prompts, answers)])
     return [
-        whole[len(ids) :] if whole[: len(ids)] == ids else alone
-        for whole, ids, alone in zip(wholes, prompt_ids, spaced)
+        whole[len(ids) :] if whole[: len(ids)] == ids else _encode(tokenizer, [_split_space(p, True)[1] + a])[0]
+        for whole, ids, p, a in zip(wholes, prompt_ids, prompts, answers)
     ]
 
 
