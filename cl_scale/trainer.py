@@ -39,6 +39,7 @@ from cl_scale.evaluation.generation import evaluate_task
 from cl_scale.evaluation.metrics import compute_metrics
 from cl_scale.evaluation.report import matrix_table, write_matrix_files
 from cl_scale.init_adapter import start_from_adapter
+from cl_scale.modeling.loading import load_tokenizer
 from cl_scale.plan import task_steps
 from cl_scale.progress import Bar, ReportedBatches, Reporter, format_duration
 from cl_scale.recipe import diff_recipes, recipe_to_dict, recipe_to_yaml
@@ -103,7 +104,8 @@ def run_training(recipe: Recipe, *, resume: bool, run_dir: str | Path | None, al
             quiet_known_warnings(main=dist_utils.is_main())
             tasks = resolve_tasks(recipe.data.order, recipe.data.tasks)
             check_tasks(recipe.data, tasks)
-            check_chat_template(recipe.model, recipe.data)
+            if recipe.data.chat_template:
+                check_chat_template(load_tokenizer(recipe.model), recipe.data)
             ds_config = build_ds_config(recipe, dist_utils.world_size())
             require_monitor_packages(recipe, ds_config)
             path = Path(run_dir) if run_dir is not None else Path(recipe.output.dir) / recipe.name

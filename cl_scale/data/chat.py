@@ -23,10 +23,9 @@ from cl_scale.data.collators import (
     _tokenize,
 )
 from cl_scale.errors import CLScaleError
-from cl_scale.modeling.loading import load_tokenizer
 
 if TYPE_CHECKING:
-    from cl_scale.recipe import DataConfig, ModelConfig
+    from cl_scale.recipe import DataConfig
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str | None = None) -> str:
@@ -126,13 +125,9 @@ def tokenize_chat(
     return _tokenize(ds, "chat", _chat_batch, {**kwargs, "max_target_length": max_target_length}, cache_dir)
 
 
-def check_chat_template(model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
-    """Before a run directory exists: with data.chat_template on, the tokenizer must have a template whose
+def check_chat_template(tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig) -> None:
+    """Before a run directory exists: with data.chat_template on, `tokenizer` must have a template whose
     assistant turn ends with its EOS (one probe example through the same code training uses)."""
-    if not data_cfg.chat_template:
-        return
-
-    tokenizer = load_tokenizer(model_cfg)
     _template(tokenizer)
     content, text, _ = _prompt(tokenizer, "probe", data_cfg.max_source_length)
     _answer(tokenizer, content, text, "probe", data_cfg.max_target_length)
