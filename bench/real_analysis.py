@@ -42,16 +42,21 @@ def space(run, count: int) -> list[dict[str, float]] | None:
     """Per stage: occupancy k/d of the layer bases (mean, min, max) and of each gate basis."""
     from safetensors.torch import load_file
 
+    from cl_scale.methods.gainlora import GATE_BASIS_PREFIX
+    from cl_scale.methods.inflora import LAYER_BASIS_PREFIX
     from cl_scale.rundir import METHOD_STATE
+
+    def occupancy(t: torch.Tensor) -> float:
+        return t.shape[1] / t.shape[0]
 
     rows = []
     for index in range(count):
         tensors = load_file(run.stage_dir(index) / METHOD_STATE)
-        bases = {name: t for name, t in tensors.items() if t.dim() == 2 and "basis" in name}
-        if not bases:
+        gate = {n[len(GATE_BASIS_PREFIX):]: occupancy(t) for n, t in tensors.items() if n.startswith(GATE_BASIS_PREFIX)}
+        layers = torch.tensor([occupancy(t) for n, t in tensors.items() if n.startswith(LAYER_BASIS_PREFIX)])
+        if not gate and not len(layers):
             return None
-        layers = torch.tensor([t.shape[1] / t.shape[0] for n, t in bases.items() if not n.startswith("gate_basis.")])
-        row = {f"gate {n.split('.', 1)[1]}": t.shape[1] / t.shape[0] for n, t in bases.items() if n.startswith("gate_basis.")}
+        row = {f"gate {name}": value for name, value in gate.items()}
         if len(layers):
             row |= {"layers mean": layers.mean().item(), "layers min": layers.min().item(), "layers max": layers.max().item()}
         rows.append(row)

@@ -46,7 +46,7 @@ BRANCH_METHODS: dict[str, type[Method]] = {name: method_class(name) for name in 
 GATE_SPACES = ("input", "hidden", "output")
 """U0 (xbar, d), U1 (hidden activations, h), U2 (gate outputs, d); W1, W2 and the key move outside them."""
 
-_STATE_PREFIX = "gate_basis."
+GATE_BASIS_PREFIX = "gate_basis."
 
 
 class _PassCounter:
@@ -177,13 +177,13 @@ class GainLoRA(Method):
             )
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        gate = {_STATE_PREFIX + space: basis.vectors for space, basis in self.bases.items()}
+        gate = {GATE_BASIS_PREFIX + space: basis.vectors for space, basis in self.bases.items()}
         return {**self.branch_method.state_tensors(), **gate}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.branch_method.load_state_tensors(tensors)
         self.bases = {
-            name[len(_STATE_PREFIX) :]: Basis(value.float().cpu())
+            name[len(GATE_BASIS_PREFIX) :]: Basis(value.float().cpu())
             for name, value in tensors.items()
-            if name.startswith(_STATE_PREFIX)
+            if name.startswith(GATE_BASIS_PREFIX)
         }

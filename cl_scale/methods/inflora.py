@@ -31,7 +31,7 @@ DESIGNS = ("svd", "random")
 ROW_NORM = 1.0 / math.sqrt(3.0)
 """Norm of every row of a designed A (the reference's scaling)."""
 
-_STATE_PREFIX = "basis."
+LAYER_BASIS_PREFIX = "basis."
 
 
 class InfLoRA(IncLoRA):
@@ -102,11 +102,11 @@ class InfLoRA(IncLoRA):
             )
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {_STATE_PREFIX + path: basis.vectors for path, basis in self.bases.items()}
+        return {LAYER_BASIS_PREFIX + path: basis.vectors for path, basis in self.bases.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.bases = {
-            name[len(_STATE_PREFIX) :]: Basis(value.float().cpu())
+            name[len(LAYER_BASIS_PREFIX) :]: Basis(value.float().cpu())
             for name, value in tensors.items()
-            if name.startswith(_STATE_PREFIX)
+            if name.startswith(LAYER_BASIS_PREFIX)
         }

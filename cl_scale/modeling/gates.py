@@ -74,7 +74,8 @@ class GateBank(nn.Module):
 
     def mlp_outputs(self, xbar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x, hidden, output) of every gate's MLP on gate inputs `xbar` (batch, d): x is `xbar` in the
-        gates' dtype, hidden (batch, tasks, h), output g_i(xbar) (batch, tasks, d)."""
+        gates' dtype, hidden (batch, tasks, h), output g_i(xbar) (batch, tasks, d). Reads the parameters
+        directly: call it from `forward` (where ZeRO-3 has gathered them) or on a bank on one device."""
         w1 = torch.stack([self.gate(i)[0] for i in range(self.num_gates)])  # (T, h, d)
         w2 = torch.stack([self.gate(i)[1] for i in range(self.num_gates)])  # (T, d, h)
         x = xbar.to(w1.dtype)
