@@ -8,6 +8,7 @@ which gathers, and writes both the fp32 master partition and the working copy so
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -62,8 +63,6 @@ def communication_device() -> torch.device:
 
 def _rank_device() -> torch.device:
     """The accelerator device of this local rank (one device per local rank)."""
-    import os
-
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
@@ -87,8 +86,6 @@ def _bind_rank_device() -> None:
 
 
 def _strict() -> bool:
-    import os
-
     return os.environ.get(STRICT_ENV, "") not in ("", "0")
 
 
@@ -279,7 +276,6 @@ def init_distributed(timeout_s: float) -> None:
     The timeout bounds every collective, so a dead rank ends the job with an error instead of a hang.
     """
     import datetime
-    import os
 
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -385,8 +381,6 @@ def process_group(timeout_s: float) -> Iterator[None]:
     groups one after another, or starts launchers, must not inherit a stale port). A failed collective
     inside is explained as a dead or hung peer (`explain_collective_failures`).
     """
-    import os
-
     owns_group = not is_distributed()
     added = [k for k in launcher_environment(dict(os.environ)) if k not in os.environ] if owns_group else []
     init_distributed(timeout_s)
