@@ -12,6 +12,7 @@ released model, not the same; every number measured on this folder must say so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from cl_scale.cache import cache_root
@@ -161,13 +163,34 @@ def build(folder: Path | None = None, *, force: bool = False) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout (Python's and file descriptor 1) to stderr until exit.
+
+    `main` prints only the folder on stdout, for `$(python -m cl_scale.real_model)`; a first build
+    imports libraries whose loggers write to stdout (DeepSpeed's accelerator warning), which would
+    otherwise end up inside that path.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help=f"model folder (default {default_folder()})")
     parser.add_argument("--force", action="store_true", help="rebuild even when the folder exists")
     args = parser.parse_args(argv)
     try:
-        folder = build(args.out, force=args.force)
+        with _stdout_to_stderr():
+            folder = build(args.out, force=args.force)
     except CLScaleError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -1,5 +1,7 @@
 """The real-model builder's checks, without the download: a wrong wheel or folder is one clear error."""
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,22 @@ def test_the_real_model_recipe_names_the_hub_id() -> None:
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "smollm2_long4.yaml")
     assert recipe.model.path == real_model.HUB_ID
+
+
+def test_main_prints_only_the_folder_on_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`$(python -m cl_scale.real_model)` is the folder, even when the build's libraries print on stdout."""
+
+    def noisy_build(folder: Path | None, *, force: bool) -> Path:
+        print("[WARNING] from a logger bound to sys.stdout")
+        os.write(1, b"written to file descriptor 1\n")
+        return tmp_path
+
+    monkeypatch.setattr(real_model, "build", noisy_build)
+    assert real_model.main([]) == 0
+    out, err = capfd.readouterr()
+    assert out == f"{tmp_path}\n"
+    assert "from a logger bound to sys.stdout" in err and "file descriptor 1" in err
+    print("stdout works again", file=sys.stdout)
+    assert capfd.readouterr().out == "stdout works again\n"
