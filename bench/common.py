@@ -139,11 +139,12 @@ def ratio_spread(samples: Samples, name: str, reference: str) -> tuple[float, fl
 
 def print_ratios(timings: Timings, rows: list[tuple[str, str, str]]) -> None:
     """One line per (label, case, reference case): medians, paired ratios on both clocks, CPU-ratio range."""
-    print(f"{'':28} {'wall s':>8} {'cpu s':>8} {'wall ratio':>11} {'cpu ratio':>10} {'cpu ratio range':>16}")
+    width = max(28, *(len(label) for label, _, _ in rows))
+    print(f"{'':{width}} {'wall s':>8} {'cpu s':>8} {'wall ratio':>11} {'cpu ratio':>10} {'cpu ratio range':>16}")
     for label, name, reference in rows:
         low, high = ratio_spread(timings.cpu, name, reference)
         print(
-            f"{label:28} {median(timings.wall, name):>8.3f} {median(timings.cpu, name):>8.3f} "
+            f"{label:{width}} {median(timings.wall, name):>8.3f} {median(timings.cpu, name):>8.3f} "
             f"{paired_ratio(timings.wall, name, reference):>11.3f} {paired_ratio(timings.cpu, name, reference):>10.3f} "
             f"{low:>9.3f}-{high:.3f}"
         )

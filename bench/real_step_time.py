@@ -12,18 +12,34 @@ v_proj, no dropout, AdamW on both sides. The cases, every one run once per round
   inclora_zero2   the same in a ZeRO-2 engine (`--set deepspeed.config=ds_configs/zero2.json`): with a world
                   of one nothing is partitioned either way, so results are the same
   inclora_resident the same ZeRO-3 engine with every parameter persistent (stage3_param_persistence_threshold
-                  above every parameter's size): what ZeRO-3's gather and release of each module costs
+                  above every parameter's size) and torch's own linear: what ZeRO-3's per-module hooks cost
+                  without any gather, release or linear replacement
   inclora_local   the same IncLoRA model and method without DeepSpeed (plain AdamW): what ZeRO-3 costs
   head_loss       the 49,152-wide output layer and its fp32 cross-entropy alone, forward + backward from
                   the final hidden states: the share of a step no adapter method can avoid
   collate         cl-scale's collation of one batch (TaskRows.batch)
+
+After the timings, one more step of each training case runs under cProfile, which counts the Python
+function calls it makes (a count, not a time: the same on a loaded machine), all of them and those inside
+DeepSpeed's ZeRO code, and for the ZeRO-3 engine the files most called into: where an engine's cost is
+Python work per module, this is where it shows.
+
+Loading a model under ZeRO-3 (`deepspeed.zero.Init`, `memory_efficient_linear` on by default) replaces
+`torch.nn.functional.linear` for the whole process with DeepSpeed's own autograd function, which keeps
+only the partition of a weight between forward and backward, and never puts torch's back. So every case
+here sets the linear it runs with: DeepSpeed's in the ZeRO-3 cases as the trainer has it, torch's in all
+others (a process that never builds a ZeRO-3 model has no other). Without that the reference, PEFT, ran
+with DeepSpeed's linear too and the ratios hid its cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
+import cProfile
+import pstats
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,6 +109,36 @@ def engine_step(state, ds_config: dict, engines: contextlib.ExitStack, batches: 
     return step
 
 
+def with_linear(step: Callable[[], None], linear: Callable[..., torch.Tensor]) -> Callable[[], None]:
+    """`step`, run with `linear` as torch.nn.functional.linear (see the module's docstring)."""
+
+    def run() -> None:
+        torch.nn.functional.linear = linear
+        step()
+
+    return run
+
+
+def python_calls(step: Callable[[], None]) -> collections.Counter[str]:
+    """Python function calls one `step` makes, by the source file (site-packages' and the standard
+    library's paths shortened to the package's file) of the function called."""
+    profile = cProfile.Profile()
+    profile.runcall(step)
+    calls: collections.Counter[str] = collections.Counter()
+    for (file, _, _), entry in pstats.Stats(profile).stats.items():  # entry[1]: all calls, recursive ones too
+        calls[_short(file)] += entry[1]
+    return calls
+
+
+def _short(file: str) -> str:
+    """`deepspeed/runtime/zero/linear.py` for a file in site-packages, `inspect.py` for the standard library."""
+    if file == "~":  # cProfile's file name for functions written in C (isinstance, getattr, tensor methods)
+        return "(built-in functions)"
+    if "site-packages/" in file:
+        return file.split("site-packages/", 1)[1]
+    return Path(file).name if file.startswith("/") else file
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the SmolLM2 folder (`python -m cl_scale.real_model` prints it)")
@@ -114,6 +160,7 @@ def main() -> None:
     from cl_scale.recipe import load_recipe
 
     datasets.disable_progress_bars()
+    torch_linear = torch.nn.functional.linear  # before any ZeRO-3 model exists
     recipe = load_recipe(RECIPE, [f"model.path={args.model}", "method.name=inclora",
                                   f"data.root={REPO.parent / 'shared' / 'CL_Benchmark'}",
                                   f"data.max_train_examples={args.batch * args.batches}",
@@ -128,6 +175,9 @@ def main() -> None:
         configs = {"inclora_zero2": build_ds_config(zero2, 1), "inclora": build_ds_config(recipe, 1),
                    "inclora_resident": build_ds_config(resident, 1)}
         states = {name: build_state(recipe, config, num_tasks=1) for name, config in configs.items()}
+        zero3_linear = torch.nn.functional.linear
+        if zero3_linear is torch_linear:
+            raise SystemExit("loading under ZeRO-3 no longer replaces torch.nn.functional.linear: revisit this bench")
         state = states["inclora"]
         rows = prepare_task(recipe.data, recipe.train.seed, state.tokenizer, "causal", task, "train", prompts_only=False,
                             cache_dir=None)
@@ -144,19 +194,32 @@ def main() -> None:
             "head_loss": head_loss_step(base, batches),
             "collate": lambda: rows.batch(groups[0]),
         }
+        cases = {name: with_linear(step, torch_linear) for name, step in cases.items()}
+        linears = {"inclora": zero3_linear, "inclora_zero2": torch_linear, "inclora_resident": torch_linear}
         with contextlib.ExitStack() as engines:
             for name, config in configs.items():
-                cases[name] = engine_step(states[name], config, engines, batches, recipe)
+                torch.nn.functional.linear = linears[name]
+                cases[name] = with_linear(engine_step(states[name], config, engines, batches, recipe), linears[name])
             timings = interleaved(cases, repeats=args.repeats, warmup=args.warmup)
+            calls = {name: python_calls(cases[name]) for name in ("peft", "inclora_local", *configs)}
     print_ratios(timings, [
         ("PEFT LoRA (reference)", "peft", "peft"),
         ("cl-scale IncLoRA / PEFT", "inclora", "peft"),
         ("IncLoRA ZeRO-2 / PEFT", "inclora_zero2", "peft"),
-        ("IncLoRA ZeRO-3 resident / PEFT", "inclora_resident", "peft"),
+        ("IncLoRA ZeRO-3 resident, torch linear / PEFT", "inclora_resident", "peft"),
+        ("ZeRO-3 DeepSpeed linear / resident torch linear", "inclora", "inclora_resident"),
         ("IncLoRA no DeepSpeed / PEFT", "inclora_local", "peft"),
         ("output layer + loss / PEFT", "head_loss", "peft"),
         ("collation / PEFT", "collate", "peft"),
     ])
+    print(f"# modules under ZeRO-3's hooks: {sum(1 for _ in state.model.modules())}")
+    print(f"{'python calls in one step':28} {'all':>9} {'in deepspeed/runtime/zero':>26}")
+    for name, counts in calls.items():
+        zero = sum(n for file, n in counts.items() if file.startswith("deepspeed/runtime/zero/"))
+        print(f"{name:28} {sum(counts.values()):>9} {zero:>26}")
+    print("# the files most called into in one step of the ZeRO-3 engine (what the trainer runs):")
+    for file, n in calls["inclora"].most_common(12):
+        print(f"{n:>9}  {file}")
 
 
 if __name__ == "__main__":
