@@ -201,6 +201,7 @@ def build(args: argparse.Namespace, phases: Phases) -> Stage:
     method.load_state_tensors(end_of_task0_state(model))
     trainable = method.trainable_parameters(1)
     optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+    dist_utils.zero3_block_leaves(model)  # as distributed.deepspeed_engine does before every ZeRO-3 engine
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     batch = {k: v.to(dist_utils.accelerator_device()) for k, v in short_batch(args.tokens, dist_utils.rank()).items()}
     runner = StageRunner(1, 2, ZeroAccess(), engine, [batch])

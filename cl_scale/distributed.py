@@ -436,15 +436,45 @@ def deepspeed_engine(
 
     The one place engines are made: a stage's training engine and a finished stage's inference engine
     are built and torn down alike, so hooks and partitions never outlive the stage that needed them.
+    Under ZeRO-3 the model's transformer blocks are made leaf modules first (`zero3_block_leaves`).
     Collective: every rank enters together.
     """
     import deepspeed
 
+    if config.get("zero_optimization", {}).get("stage") == 3:
+        zero3_block_leaves(model)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config)
     try:
         yield engine
     finally:
         engine.destroy()
+
+
+def zero3_block_leaves(model: nn.Module) -> list[nn.Module]:
+    """Make ZeRO-3 gather and release each transformer block whole, not module by module; returns the blocks.
+
+    ZeRO-3 hooks every module it manages, and that Python work is the ZeRO-3 engine's whole cost at a
+    world of one (SmolLM2-135M: 518 modules, 646k Python calls a step against PEFT's 14k, 1.14-1.22x
+    its step; docs/PERFORMANCE.md, section 6). The blocks are the classes transformers names in
+    `_no_split_modules` (LlamaDecoderLayer, T5Block): marked as ZeRO-3 leaves, only they and the modules
+    outside them are hooked, and a block's parameters are fetched in one gather, as FSDP wraps a block.
+    A leaf's trainable parameters (its LoRA branches) have their gradients reduced by one backward hook
+    on the block, which torch fires once the gradient of the block's input is computed, or, where no
+    input requires grad, as soon as the output's gradient arrives: before the branches' gradients exist.
+    The first block's input comes from the frozen embeddings, so their output is made to require grad
+    (transformers' `enable_input_require_grads`). Idempotent; a model that names no blocks is unchanged.
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
+    classes = list({type(module) for module in model.modules() if type(module).__name__ in names})
+    if not classes:
+        return []
+    blocks = set_z3_leaf_modules(model, classes)
+    outermost = next(m for m in model.modules() if hasattr(m, "enable_input_require_grads"))
+    if not getattr(outermost, "_require_grads_hooks", None):
+        outermost.enable_input_require_grads()
+    return blocks
 
 
 def restart_zero_trace(engine: object) -> None:
