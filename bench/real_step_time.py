@@ -11,6 +11,8 @@ v_proj, no dropout, AdamW on both sides. The cases, every one run once per round
                   trainer steps it (method loss, before_step, engine.step, after_step)
   inclora_zero2   the same in a ZeRO-2 engine (`--set deepspeed.config=ds_configs/zero2.json`): with a world
                   of one nothing is partitioned either way, so results are the same
+  inclora_every_module the same ZeRO-3 engine built without making the transformer blocks leaf modules
+                  (`distributed.zero3_block_leaves`), so ZeRO-3 hooks every module: what the leaves take
   inclora_resident the same ZeRO-3 engine with every parameter persistent (stage3_param_persistence_threshold
                   above every parameter's size) and torch's own linear: what ZeRO-3's per-module hooks cost
                   without any gather, release or linear replacement
@@ -83,8 +85,12 @@ def head_loss_step(base: torch.nn.Module, batches: list[dict]) -> Callable[[], N
     return step
 
 
-def engine_step(state, ds_config: dict, engines: contextlib.ExitStack, batches: list[dict], recipe) -> Callable[[], None]:
-    """A trainer-like step of `state`'s IncLoRA inside its own DeepSpeed engine (kept open by `engines`)."""
+def engine_step(state, ds_config: dict, engines: contextlib.ExitStack, batches: list[dict], recipe, *,
+                leaves: bool = True) -> Callable[[], None]:
+    """A trainer-like step of `state`'s IncLoRA inside its own DeepSpeed engine (kept open by `engines`);
+    `leaves=False` builds the engine without `distributed.deepspeed_engine`'s block leaves."""
+    import deepspeed
+
     from cl_scale import distributed
     from cl_scale.continual_state import stage_generator
     from cl_scale.distributed import ZeroAccess
@@ -92,7 +98,11 @@ def engine_step(state, ds_config: dict, engines: contextlib.ExitStack, batches: 
 
     state.method.grow(0, stage_generator(recipe, 0))
     optimizer = torch.optim.AdamW(state.method.trainable_parameters(0), lr=recipe.train.lr, weight_decay=0.0)
-    engine = engines.enter_context(distributed.deepspeed_engine(state.model, ds_config, optimizer=optimizer))
+    if leaves:
+        engine = engines.enter_context(distributed.deepspeed_engine(state.model, ds_config, optimizer=optimizer))
+    else:
+        engine, *_ = deepspeed.initialize(model=state.model, optimizer=optimizer, config=ds_config)
+        engines.callback(engine.destroy)
     runner = StageRunner(0, 1, ZeroAccess(), engine, batches)
     state.method.before_task(runner)
     engine.train()
@@ -128,6 +138,14 @@ def python_calls(step: Callable[[], None]) -> collections.Counter[str]:
     for (file, _, _), entry in pstats.Stats(profile).stats.items():  # entry[1]: all calls, recursive ones too
         calls[_short(file)] += entry[1]
     return calls
+
+
+def hooked_modules(model: torch.nn.Module) -> int:
+    """Modules ZeRO-3 puts hooks on: all but those inside a leaf module (a leaf itself is hooked)."""
+    from deepspeed.utils import z3_leaf_module
+
+    leaves = [name for name, module in model.named_modules() if z3_leaf_module(module)]
+    return sum(1 for name, _ in model.named_modules() if not any(name.startswith(f"{leaf}.") for leaf in leaves))
 
 
 def _short(file: str) -> str:
@@ -173,7 +191,7 @@ def main() -> None:
         resident = recipe.model_copy(update={"deepspeed": recipe.deepspeed.model_copy(update={
             "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": RESIDENT}}})})
         configs = {"inclora_zero2": build_ds_config(zero2, 1), "inclora": build_ds_config(recipe, 1),
-                   "inclora_resident": build_ds_config(resident, 1)}
+                   "inclora_every_module": build_ds_config(recipe, 1), "inclora_resident": build_ds_config(resident, 1)}
         states = {name: build_state(recipe, config, num_tasks=1) for name, config in configs.items()}
         zero3_linear = torch.nn.functional.linear
         if zero3_linear is torch_linear:
@@ -195,24 +213,29 @@ def main() -> None:
             "collate": lambda: rows.batch(groups[0]),
         }
         cases = {name: with_linear(step, torch_linear) for name, step in cases.items()}
-        linears = {"inclora": zero3_linear, "inclora_zero2": torch_linear, "inclora_resident": torch_linear}
+        linears = {"inclora": zero3_linear, "inclora_every_module": zero3_linear, "inclora_zero2": torch_linear,
+                   "inclora_resident": torch_linear}
         with contextlib.ExitStack() as engines:
             for name, config in configs.items():
                 torch.nn.functional.linear = linears[name]
-                cases[name] = with_linear(engine_step(states[name], config, engines, batches, recipe), linears[name])
+                step = engine_step(states[name], config, engines, batches, recipe, leaves=name != "inclora_every_module")
+                cases[name] = with_linear(step, linears[name])
             timings = interleaved(cases, repeats=args.repeats, warmup=args.warmup)
             calls = {name: python_calls(cases[name]) for name in ("peft", "inclora_local", *configs)}
     print_ratios(timings, [
         ("PEFT LoRA (reference)", "peft", "peft"),
         ("cl-scale IncLoRA / PEFT", "inclora", "peft"),
         ("IncLoRA ZeRO-2 / PEFT", "inclora_zero2", "peft"),
+        ("IncLoRA ZeRO-3, every module hooked / PEFT", "inclora_every_module", "peft"),
+        ("ZeRO-3 block leaves / every module hooked", "inclora", "inclora_every_module"),
         ("IncLoRA ZeRO-3 resident, torch linear / PEFT", "inclora_resident", "peft"),
         ("ZeRO-3 DeepSpeed linear / resident torch linear", "inclora", "inclora_resident"),
         ("IncLoRA no DeepSpeed / PEFT", "inclora_local", "peft"),
         ("output layer + loss / PEFT", "head_loss", "peft"),
         ("collation / PEFT", "collate", "peft"),
     ])
-    print(f"# modules under ZeRO-3's hooks: {sum(1 for _ in state.model.modules())}")
+    print(f"# modules: {sum(1 for _ in state.model.modules())}, of them hooked by ZeRO-3 with block leaves: "
+          f"{hooked_modules(state.model)}")
     print(f"{'python calls in one step':28} {'all':>9} {'in deepspeed/runtime/zero':>26}")
     for name, counts in calls.items():
         zero = sum(n for file, n in counts.items() if file.startswith("deepspeed/runtime/zero/"))

@@ -453,11 +453,12 @@ def deepspeed_engine(
 def zero3_block_leaves(model: nn.Module) -> list[nn.Module]:
     """Make ZeRO-3 gather and release each transformer block whole, not module by module; returns the blocks.
 
-    ZeRO-3 hooks every module it manages, and that Python work is the ZeRO-3 engine's whole cost at a
-    world of one (SmolLM2-135M: 518 modules, 646k Python calls a step against PEFT's 14k, 1.14-1.22x
-    its step; docs/PERFORMANCE.md, section 6). The blocks are the classes transformers names in
-    `_no_split_modules` (LlamaDecoderLayer, T5Block): marked as ZeRO-3 leaves, only they and the modules
-    outside them are hooked, and a block's parameters are fetched in one gather, as FSDP wraps a block.
+    ZeRO-3 hooks every module it manages, and that Python work was most of the ZeRO-3 engine's cost at
+    a world of one (SmolLM2-135M: 518 modules, 646k Python calls a step against PEFT's 14k; with block
+    leaves 38 modules, 296k calls, 0.90 of the step; docs/PERFORMANCE.md, section 6). The blocks are the
+    classes transformers names in `_no_split_modules` (LlamaDecoderLayer, T5Block): marked as ZeRO-3
+    leaves, only they and the modules outside them are hooked, and a block's parameters are fetched in
+    one gather, as FSDP wraps a block.
     A leaf's trainable parameters (its LoRA branches) have their gradients reduced by one backward hook
     on the block, which torch fires once the gradient of the block's input is computed, or, where no
     input requires grad, as soon as the output's gradient arrives: before the branches' gradients exist.
