@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cl_scale.ds_config import zero_stage
 from cl_scale.errors import CLScaleError
 
 
@@ -441,7 +442,7 @@ def deepspeed_engine(
     """
     import deepspeed
 
-    if config.get("zero_optimization", {}).get("stage") == 3:
+    if zero_stage(config) == 3:
         zero3_block_leaves(model)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config)
     try:

@@ -11,7 +11,7 @@ from deepspeed.utils import z3_leaf_module
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from cl_scale.distributed import zero3_block_leaves
-from tests.modeling_fixtures import causal_config, continual, grown, untied_t5_config
+from tests.modeling_fixtures import causal_config, continual, untied_t5_config
 
 
 def test_each_decoder_layer_becomes_one_leaf_and_nothing_else() -> None:
@@ -33,7 +33,7 @@ def test_encoder_and_decoder_blocks_of_t5_become_leaves() -> None:
 
 
 def test_the_first_blocks_input_requires_grad_so_its_branch_gradients_come_first() -> None:
-    model = grown(continual(AutoModelForCausalLM.from_config(causal_config("llama")), "causal"), 1)
+    model = continual(AutoModelForCausalLM.from_config(causal_config("llama")), "causal")
     ids = torch.tensor([[5, 6, 7]])
     embeddings = model.base.get_input_embeddings()
     assert not embeddings(ids).requires_grad  # frozen: nothing asks for a gradient before

@@ -94,7 +94,7 @@ def test_zero3_trains_every_method_to_zero2s_snapshots(runs, method: str) -> Non
         assert three.keys() == two.keys()
         for name in three:
             assert (three[name] - two[name]).abs().max() < 1e-4, (stage, name)
-        trained = [n for n in three if re.search(rf"lora_B_{index if method != 'seqlora' else 0}$", n)]
+        trained = [n for n in three if re.search(trainable_pattern(method, index), n)]
         assert trained and all(three[n].abs().sum() > 0 for n in trained), stage
 
 

@@ -22,6 +22,7 @@ from transformers import (
 
 from cl_scale.builtin.factory import builtin_model_dir
 from cl_scale.builtin.specs import BUILTIN_PREFIX
+from cl_scale.ds_config import zero_stage
 from cl_scale.errors import CLScaleError
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ def load_base_model(model_cfg: ModelConfig, ds_config: dict[str, Any] | None, pa
     config = load_config(model_cfg)
     kind = resolve_kind(model_cfg, config)
     handle = None
-    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+    if ds_config is not None and zero_stage(ds_config) == 3:
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
         handle = HfDeepSpeedConfig(ds_config)
