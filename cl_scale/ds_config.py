@@ -9,6 +9,7 @@ from cl_scale.errors import CLScaleError, read_json
 if TYPE_CHECKING:
     from cl_scale.recipe import Recipe
 
+
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict merge; values of `extra` win."""
     out = dict(base)
@@ -45,10 +46,32 @@ def _fill_auto(node: Any, values: dict[str, Any], path: str = "") -> Any:
     return node
 
 
+def offloaded(config: dict[str, Any], key: str) -> bool:
+    """Whether the config moves `key` ("offload_param", "offload_optimizer") to the CPU or NVMe."""
+    section = config.get("zero_optimization", {}).get(key) or {}
+    return str(section.get("device", "none")).lower() in ("cpu", "nvme")
+
+
+def gathers_in_place(config: dict[str, Any], world_size: int) -> bool:
+    """Whether a ZeRO-3 gather only points a parameter at its own partition, allocating nothing.
+
+    So it is with a world of one and parameters on the device (DeepSpeed's no-gather path: the partition
+    is the whole parameter). Anything that holds a gathered weight then holds the partition, which is
+    kept anyway; with several ranks, or parameters offloaded, a gathered weight is a new buffer.
+    """
+    return world_size == 1 and not offloaded(config, "offload_param")
+
+
 def build_ds_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for this recipe and world size: file, then "auto" filled, then overrides."""
+    """The DeepSpeed config for this recipe and world size: file, then overrides, then "auto" filled.
+
+    ZeRO-3's `memory_efficient_linear: "auto"` depends on the world: DeepSpeed's replacement for torch's
+    linear keeps only a weight's partition between forward and backward, where torch's autograd keeps
+    the gathered weight. That saves memory only where a gather allocates (`gathers_in_place`); at a
+    world of one it costs 5% of a step and saves nothing (SmolLM2-135M: docs/PERFORMANCE.md, section 6).
+    """
     path = recipe.deepspeed.config_path()
-    raw = read_json(path, fix="fix the JSON syntax of the DeepSpeed config")
+    raw = merge(read_json(path, fix="fix the JSON syntax of the DeepSpeed config"), dict(recipe.deepspeed.overrides))
     train = recipe.train
     accumulation = batch_layout(train.global_batch, train.per_device_batch, world_size)
     dtype = recipe.model.dtype
@@ -59,9 +82,9 @@ def build_ds_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
         "gradient_clipping": train.grad_clip,
         "bf16.enabled": dtype == "bf16",
         "fp16.enabled": dtype == "fp16",
+        "zero_optimization.memory_efficient_linear": not gathers_in_place(raw, world_size),
     }
-    config = merge(_fill_auto(raw, values), dict(recipe.deepspeed.overrides))
-    return config
+    return _fill_auto(raw, values)
 
 
 def zero_stage(config: dict[str, Any]) -> int:

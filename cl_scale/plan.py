@@ -332,10 +332,6 @@ class MemoryEstimate:
         return next(item for item in self.items if item.name == name)
 
 
-def _offloaded(zero: dict[str, Any], key: str) -> bool:
-    return str(zero.get(key, {}).get("device", "none")).lower() in ("cpu", "nvme")
-
-
 def _split(count: float, world: int, partitioned: bool) -> tuple[float, str]:
     return (count / world, f" / {world} GPUs") if partitioned and world > 1 else (count, "")
 
@@ -345,12 +341,11 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Per-GPU memory under the config's ZeRO stage: stage 1 partitions optimizer states, 2 also
     gradients, 3 also parameters; offload moves parameters / optimizer states to the CPU."""
-    from cl_scale.ds_config import zero_stage
+    from cl_scale.ds_config import gathers_in_place, offloaded, zero_stage
 
-    zero = ds_config.get("zero_optimization", {})
     stage = zero_stage(ds_config)
-    off_params = stage == 3 and _offloaded(zero, "offload_param")
-    off_optimizer = _offloaded(zero, "offload_optimizer")
+    off_params = stage == 3 and offloaded(ds_config, "offload_param")
+    off_optimizer = offloaded(ds_config, "offload_optimizer")
     dtype = recipe.model.dtype
     p = DTYPE_BYTES[dtype]
     trainable = counts.trainable
@@ -366,7 +361,7 @@ def estimate_memory(
 
     params("base model", arch.base_params, "frozen parameters")
     params("frozen branches and gates", frozen_lora, f"frozen LoRA and gate parameters at task {stages}")
-    if stage == 3:
+    if stage == 3 and not gathers_in_place(ds_config, world):
         unit = 2 * arch.largest_unit * p
         items.append(MemoryItem(
             "ZeRO-3 gathered layers", unit,

@@ -219,6 +219,17 @@ def test_zero3_offload_keeps_parameters_and_optimizer_states_off_the_gpu(tmp_pat
     assert (memory(plan, "base model"), memory(plan, "optimizer states")) == (0.0, 0.0)
 
 
+def test_zero3_gathers_a_block_into_new_memory_only_over_several_gpus(tmp_path: Path) -> None:
+    """With one GPU a gather points a parameter at its own partition; over several it fills a new buffer,
+    and so it does with one GPU whose parameters are offloaded."""
+    recipe = shipped("llama7b_order1", tmp_path)
+    offload = shipped("llama7b_order1", tmp_path, "deepspeed.config=ds_configs/zero3_offload.json")
+    names = {key: {item.name for item in plan_of(r, gpus=g).memory.items}
+             for key, (r, g) in {"one": (recipe, 1), "eight": (recipe, 8), "offload": (offload, 1)}.items()}
+    assert "ZeRO-3 gathered layers" not in names["one"]
+    assert "ZeRO-3 gathered layers" in names["eight"] and "ZeRO-3 gathered layers" in names["offload"]
+
+
 def test_activations_are_34_bytes_per_token_hidden_unit_and_layer(tmp_path: Path, tiny_model: Path) -> None:
     recipe = tiny_recipe(
         tmp_path, tiny_model, tmp_path / "absent", ["a"],
