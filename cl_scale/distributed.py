@@ -367,9 +367,16 @@ def accelerator_description() -> dict[str, str]:
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process group so every rank exits 0 (gloo otherwise aborts at exit)."""
+    """Destroy the process group so every rank exits 0 (gloo otherwise aborts at exit).
+
+    Through DeepSpeed, which started it: DeepSpeed keeps the world and data-parallel groups it made, and
+    drops them only in its own teardown; after torch's alone, the next engine in the same process (a
+    second group, a notebook's second run) failed with "Group ... is not registered".
+    """
+    import deepspeed.comm
+
     if is_distributed():
-        dist.destroy_process_group()
+        deepspeed.comm.destroy_process_group()
 
 
 @contextmanager

@@ -174,3 +174,21 @@ def test_process_group_removes_the_launcher_variables_it_set(monkeypatch: pytest
     assert inside["RANK"] == "0" and inside["WORLD_SIZE"] == "1" and inside["MASTER_PORT"], "a world of one was set up"
     left = {k: os.environ[k] for k in names if k in os.environ}
     assert left == {}, f"the group's launcher variables outlived it: {left}"
+
+
+def test_a_second_group_in_one_process_builds_a_zero3_engine() -> None:
+    """DeepSpeed keeps the groups it made; tearing the first group down through torch alone left them
+    stale, and the second engine failed with "Group ... is not registered" (a notebook's second run)."""
+    config = {"train_batch_size": 1, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+    losses = []
+    for _ in range(2):
+        with dist_utils.process_group(timeout_s=30):
+            model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            with dist_utils.deepspeed_engine(model, config, optimizer=optimizer) as engine:
+                loss = engine(torch.ones(1, 4)).sum()
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(loss))
+        assert not dist_utils.is_distributed()
+    assert len(losses) == 2
