@@ -17,8 +17,16 @@ METHODS = {
     "gainlora_inflora": {"name": "gainlora", "branch": "inflora"},
     "gainlora_olora": {"name": "gainlora", "branch": "olora"},
     "nlora": {"name": "nlora"},
+    "inclora": {"name": "inclora"},
 }
 STAGES = ["01-reverse", "02-sort"]
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+KINKED = {"nlora": {"rtol": 1e-4, "atol": 1e-4}}
+"""N-LoRA's L1 penalty has a kink at zero: a new task's update starts at B = 0, so entries of s B A sit
+within rounding of zero and their subgradient's sign follows the order of the gradient sums, which the
+number of ranks changes. Measured: one entry of 256 moves 2.1e-5 (of 0.015) after two stages, whether the
+world of one runs torch's linear or DeepSpeed's. The looser bound is still far below what the penalty does
+(`test_the_nlora_bound_is_far_below_what_its_penalty_changes`)."""
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +63,16 @@ def test_stage_snapshots_agree_between_one_and_two_ranks(worlds, method: str) ->
         two = load_file(str(worlds[2][method] / "stages" / stage / "snapshot.safetensors"))
         assert one.keys() == two.keys() and one
         for name in one:
-            torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=f"{stage} {name}")
+            torch.testing.assert_close(two[name], one[name], **KINKED.get(method, TOLERANCE), msg=f"{stage} {name}")
+
+
+def test_the_nlora_bound_is_far_below_what_its_penalty_changes(worlds) -> None:
+    """N-LoRA is IncLoRA plus its penalty: the penalty moves the snapshot by far more than the bound allows."""
+    nlora = load_file(str(worlds[1]["nlora"] / "stages" / STAGES[-1] / "snapshot.safetensors"))
+    inclora = load_file(str(worlds[1]["inclora"] / "stages" / STAGES[-1] / "snapshot.safetensors"))
+    assert nlora.keys() == inclora.keys() and nlora
+    moved = max((nlora[name] - inclora[name]).abs().max().item() for name in nlora)
+    assert moved > 20 * KINKED["nlora"]["atol"]
 
 
 @pytest.mark.parametrize("method", ["gainlora_inflora", "gainlora_olora"])
