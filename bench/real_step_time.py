@@ -8,14 +8,16 @@ v_proj, no dropout, AdamW on both sides. The cases, every one run once per round
 
   peft            PEFT LoRA on the transformers model, a plain training step
   inclora         cl-scale IncLoRA in its DeepSpeed ZeRO-3 engine with a world of one, stepped as the
-                  trainer steps it (method loss, before_step, engine.step, after_step)
+                  trainer steps it (method loss, before_step, engine.step, after_step), with the config the
+                  trainer builds for a world of one: torch's linear (`ds_config.gathers_in_place`)
+  inclora_ds_linear the same with DeepSpeed's linear (`memory_efficient_linear: true`), what several ranks
+                  run and what a world of one ran before
+  inclora_every_module that engine with DeepSpeed's linear built without making the transformer blocks
+                  leaf modules (`distributed.zero3_block_leaves`), so ZeRO-3 hooks every module
+  inclora_resident the trainer's engine with every parameter persistent (a threshold above every
+                  parameter's size), so ZeRO-3 never releases a block
   inclora_zero2   the same in a ZeRO-2 engine (`--set deepspeed.config=ds_configs/zero2.json`): with a world
                   of one nothing is partitioned either way, so results are the same
-  inclora_every_module the same ZeRO-3 engine built without making the transformer blocks leaf modules
-                  (`distributed.zero3_block_leaves`), so ZeRO-3 hooks every module: what the leaves take
-  inclora_resident the same ZeRO-3 engine with every parameter persistent (stage3_param_persistence_threshold
-                  above every parameter's size) and torch's own linear: what ZeRO-3's per-module hooks cost
-                  without any gather, release or linear replacement
   inclora_local   the same IncLoRA model and method without DeepSpeed (plain AdamW): what ZeRO-3 costs
   head_loss       the 49,152-wide output layer and its fp32 cross-entropy alone, forward + backward from
                   the final hidden states: the share of a step no adapter method can avoid
@@ -28,10 +30,11 @@ Python work per module, this is where it shows.
 
 Loading a model under ZeRO-3 (`deepspeed.zero.Init`, `memory_efficient_linear` on by default) replaces
 `torch.nn.functional.linear` for the whole process with DeepSpeed's own autograd function, which keeps
-only the partition of a weight between forward and backward, and never puts torch's back. So every case
-here sets the linear it runs with: DeepSpeed's in the ZeRO-3 cases as the trainer has it, torch's in all
-others (a process that never builds a ZeRO-3 model has no other). Without that the reference, PEFT, ran
-with DeepSpeed's linear too and the ratios hid its cost.
+only the partition of a weight between forward and backward, and never puts torch's back; the trainer
+turns it off for a world of one (`memory_efficient_linear`, see `ds_config.build_ds_config`). So every
+case here sets the linear it runs with: DeepSpeed's where its config asks for it, torch's in all others
+(a process that loads no model with DeepSpeed's linear has no other). Without that the reference,
+PEFT, ran with DeepSpeed's linear too and the ratios hid its cost.
 """
 
 from __future__ import annotations
@@ -50,9 +53,15 @@ from common import TARGETS, add_timing_arguments, header, interleaved, method_st
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "smollm2_long4.yaml"
+
+
 RESIDENT = 10**12
-"""A ZeRO-3 persistence threshold above every parameter's size: nothing is partitioned, so no forward or
-backward gathers (with a world of one a partition is the whole parameter anyway)."""
+"""A ZeRO-3 persistence threshold above every parameter's size: no block is ever released."""
+
+
+def with_overrides(recipe, overrides: dict):
+    """`recipe` with `overrides` as its DeepSpeed overrides."""
+    return recipe.model_copy(update={"deepspeed": recipe.deepspeed.model_copy(update={"overrides": overrides})})
 
 
 def local_step(recipe, base: torch.nn.Module, batches: list[dict]) -> Callable[[], None]:
@@ -188,10 +197,12 @@ def main() -> None:
         # Plain copies first: once the ZeRO-3 integration object exists, every from_pretrained partitions.
         base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         zero2 = recipe.model_copy(update={"deepspeed": recipe.deepspeed.model_copy(update={"config": "ds_configs/zero2.json"})})
-        resident = recipe.model_copy(update={"deepspeed": recipe.deepspeed.model_copy(update={
-            "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": RESIDENT}}})})
+        ds_linear, resident = ({"zero_optimization": {"memory_efficient_linear": True}},
+                               {"zero_optimization": {"stage3_param_persistence_threshold": RESIDENT}})
         configs = {"inclora_zero2": build_ds_config(zero2, 1), "inclora": build_ds_config(recipe, 1),
-                   "inclora_every_module": build_ds_config(recipe, 1), "inclora_resident": build_ds_config(resident, 1)}
+                   "inclora_ds_linear": build_ds_config(with_overrides(recipe, ds_linear), 1),
+                   "inclora_every_module": build_ds_config(with_overrides(recipe, ds_linear), 1),
+                   "inclora_resident": build_ds_config(with_overrides(recipe, resident), 1)}
         states = {name: build_state(recipe, config, num_tasks=1) for name, config in configs.items()}
         zero3_linear = torch.nn.functional.linear
         if zero3_linear is torch_linear:
@@ -213,8 +224,8 @@ def main() -> None:
             "collate": lambda: rows.batch(groups[0]),
         }
         cases = {name: with_linear(step, torch_linear) for name, step in cases.items()}
-        linears = {"inclora": zero3_linear, "inclora_every_module": zero3_linear, "inclora_zero2": torch_linear,
-                   "inclora_resident": torch_linear}
+        linears = {"inclora": torch_linear, "inclora_ds_linear": zero3_linear, "inclora_every_module": zero3_linear,
+                   "inclora_resident": torch_linear, "inclora_zero2": torch_linear}
         with contextlib.ExitStack() as engines:
             for name, config in configs.items():
                 torch.nn.functional.linear = linears[name]
@@ -225,11 +236,13 @@ def main() -> None:
     print_ratios(timings, [
         ("PEFT LoRA (reference)", "peft", "peft"),
         ("cl-scale IncLoRA / PEFT", "inclora", "peft"),
+        ("IncLoRA ZeRO-3, DeepSpeed's linear / PEFT", "inclora_ds_linear", "peft"),
+        ("torch's linear / DeepSpeed's linear", "inclora", "inclora_ds_linear"),
+        ("IncLoRA ZeRO-3, DeepSpeed's linear, every module hooked / PEFT", "inclora_every_module", "peft"),
+        ("ZeRO-3 block leaves / every module hooked", "inclora_ds_linear", "inclora_every_module"),
+        ("IncLoRA ZeRO-3, every parameter persistent / PEFT", "inclora_resident", "peft"),
+        ("every parameter persistent / trainer's engine", "inclora_resident", "inclora"),
         ("IncLoRA ZeRO-2 / PEFT", "inclora_zero2", "peft"),
-        ("IncLoRA ZeRO-3, every module hooked / PEFT", "inclora_every_module", "peft"),
-        ("ZeRO-3 block leaves / every module hooked", "inclora", "inclora_every_module"),
-        ("IncLoRA ZeRO-3 resident, torch linear / PEFT", "inclora_resident", "peft"),
-        ("ZeRO-3 DeepSpeed linear / resident torch linear", "inclora", "inclora_resident"),
         ("IncLoRA no DeepSpeed / PEFT", "inclora_local", "peft"),
         ("output layer + loss / PEFT", "head_loss", "peft"),
         ("collation / PEFT", "collate", "peft"),
