@@ -232,6 +232,8 @@ class TrainConfig(_Section):
     epochs_per_task: dict[str, int] = Field(default_factory=dict)
     lr: float = Field(default=3.0e-4, gt=0)
     per_device_batch: int = Field(default=8, gt=0)
+    """Examples per micro-batch on each device: memory, not results. A step's loss is the mean over every
+    loss token of its global batch however the batch is split (`trainer.token_weights`)."""
     global_batch: int = Field(default=32, gt=0)
     grad_clip: float = Field(default=1.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)

@@ -2,8 +2,10 @@
 
 Training: an epoch is a seeded permutation cut into global batches; each global batch is cut into
 micro-batches of `per_device_batch`, and micro-batch `a * world + rank` is the `a`-th accumulation
-step of `rank`. One rank with `world` times the accumulation steps therefore averages exactly the
-same micro-batch losses as `world` ranks do, which is what makes their loss curves agree.
+step of `rank`. One rank with `world` times the accumulation steps therefore computes exactly the same
+micro-batch losses as `world` ranks do, which is what makes their loss curves agree; and as the trainer
+weights each micro-batch by its share of the step's loss tokens (`step_micro_batches` gives every rank
+the whole step), the step's loss is the mean over the global batch's tokens however it is split.
 
 Data passes and evaluation: every rank gets the SAME number of batches (ZeRO-3 forwards are
 collective, so a rank with one batch fewer would hang the others), sizes differing by at most one.
@@ -18,17 +20,12 @@ import torch
 from cl_scale.errors import CLScaleError
 
 
-def training_batches(
-    num_examples: int,
-    *,
-    global_batch: int,
-    per_device_batch: int,
-    world_size: int,
-    rank: int,
-    epoch: int,
-    seed: int,
-) -> list[list[int]]:
-    """The micro-batches (example indices) `rank` trains on in `epoch`, in order.
+def step_micro_batches(
+    num_examples: int, *, global_batch: int, per_device_batch: int, epoch: int, seed: int
+) -> list[list[list[int]]]:
+    """Every optimizer step of `epoch`: its global batch cut into micro-batches (example indices), in the
+    order `training_batches` deals them to ranks. The same on every rank, so each knows a step's whole
+    batch without a collective.
 
     The last incomplete global batch of an epoch is dropped so that every optimizer step averages the
     same number of examples; a task with fewer examples than one global batch is an error.
@@ -41,15 +38,27 @@ def training_batches(
         )
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(num_examples, generator=generator).tolist()
-    micro_per_step = global_batch // per_device_batch
-    accumulation = micro_per_step // world_size
-    batches = []
-    for step in range(steps):
-        chunk = order[step * global_batch : (step + 1) * global_batch]
-        for a in range(accumulation):
-            micro = a * world_size + rank
-            batches.append(chunk[micro * per_device_batch : (micro + 1) * per_device_batch])
-    return batches
+    return [
+        [order[start : start + per_device_batch] for start in range(step * global_batch, (step + 1) * global_batch,
+                                                                    per_device_batch)]
+        for step in range(steps)
+    ]
+
+
+def training_batches(
+    num_examples: int,
+    *,
+    global_batch: int,
+    per_device_batch: int,
+    world_size: int,
+    rank: int,
+    epoch: int,
+    seed: int,
+) -> list[list[int]]:
+    """The micro-batches (example indices) `rank` trains on in `epoch`, in order."""
+    steps = step_micro_batches(num_examples, global_batch=global_batch, per_device_batch=per_device_batch,
+                               epoch=epoch, seed=seed)
+    return [micro for step in steps for micro in step[rank::world_size]]
 
 
 def even_shards(num_examples: int, *, batch_size: int, world_size: int, rank: int) -> list[list[int]]:

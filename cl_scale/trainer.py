@@ -44,7 +44,7 @@ from cl_scale.plan import task_steps
 from cl_scale.progress import Bar, ReportedBatches, Reporter, format_duration
 from cl_scale.recipe import diff_recipes, recipe_to_dict, recipe_to_yaml
 from cl_scale.rundir import METHOD_STATE, SNAPSHOT, TRAIN_LOG
-from cl_scale.sharding import even_shards, training_batches
+from cl_scale.sharding import even_shards, step_micro_batches
 from cl_scale.stage_results import run_matrix, write_stage_results
 from cl_scale.stage_runner import ShardBatches, StageRunner
 from cl_scale.tracking import Tracker, engine_config, open_tracker, require_monitor_packages
@@ -345,15 +345,14 @@ def _train_epochs(
     epochs = recipe.train.epochs_for(task)
     world, rank = dist_utils.world_size(), dist_utils.rank()
     plans = [
-        training_batches(
+        step_micro_batches(
             len(train_rows.rows), global_batch=recipe.train.global_batch,
-            per_device_batch=recipe.train.per_device_batch, world_size=world, rank=rank,
-            epoch=epoch, seed=recipe.train.seed,
+            per_device_batch=recipe.train.per_device_batch, epoch=epoch, seed=recipe.train.seed,
         )
         for epoch in range(epochs)
     ]
     accumulation = engine.gradient_accumulation_steps()
-    total_steps = sum(len(p) for p in plans) // accumulation
+    total_steps = sum(len(p) for p in plans)
     earlier_steps = sum(s["steps"] for s in session.run.manifest["stages"] if s["index"] < runner.task_index)
     checkpoints = session.run.in_progress_dir(runner.task_index) / checkpoint.CHECKPOINT_DIR
     resumable = dist_utils.run_on_main(checkpoint.newest_complete, checkpoints, checkpoint.layout(recipe))
@@ -363,7 +362,11 @@ def _train_epochs(
         log = resumable.log
         session.console.print(f"resuming {task} after step {resumable.step}/{total_steps} ({resumable.tag})")
     # the data order is a function of seed and epoch: the steps done say where to go on
-    micro_batches = [(e, indices) for e, plan in enumerate(plans) for indices in plan][len(log) * accumulation:]
+    micro_batches = [
+        (e, indices, weight)
+        for e, plan in enumerate(plans) for step in plan
+        for indices, weight in list(zip(step, token_weights(train_rows, step), strict=True))[rank::world]
+    ][len(log) * accumulation:]
     every = recipe.train.checkpoint_every_steps
     engine.train()
     dist_utils.restart_zero_trace(engine)
@@ -375,10 +378,10 @@ def _train_epochs(
     with session.reporter.bar(label, total_steps, every=recipe.train.log_every, done=len(log)) as bar, (
         LiveStepLog(live_log, log) if dist_utils.is_main() else contextlib.nullcontext()
     ) as live:
-        for epoch, indices in micro_batches:
+        for epoch, indices, weight in micro_batches:
             batch = train_rows.batch(indices)
             output = engine(**batch)
-            loss, terms = session.method.loss(output.loss, session.model.context)
+            loss, terms = session.method.loss(output.loss * weight, session.model.context)
             engine.backward(loss)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0) + value.detach().double()
@@ -410,6 +413,20 @@ def _train_epochs(
     if every and (resumable is None or resumable.step < len(log)):
         checkpoint.save(engine, checkpoints, len(log), log, recipe)
     return log
+
+
+def token_weights(rows: TaskRows, step: list[list[int]]) -> list[float]:
+    """Per micro-batch of `step`, the factor that turns its mean loss into its part of the mean over every
+    loss token of the step, as DeepSpeed averages micro-batches (over accumulation steps and ranks: hence
+    times their count). So a step's loss does not depend on how its global batch is split into micro-
+    batches and ranks, every token weighs the same, and per_device_batch is only a memory knob."""
+    counts = [rows.loss_tokens(micro) for micro in step]
+    if sum(counts) == 0:
+        raise CLScaleError(
+            "a global batch of the task has no answer tokens to train on (every answer truncated away?)",
+            "raise data.max_target_length, or check the task's targets with cl-scale data check",
+        )
+    return [count * len(step) / sum(counts) for count in counts]
 
 
 def _progress_fields(record: dict[str, Any], session: Session, index: int, bar: Bar) -> dict[str, Any]:

@@ -211,6 +211,10 @@ def _pad(rows: list[list[int]], value: int, width: int, left: bool) -> torch.Ten
     return torch.tensor(padded, dtype=torch.long)
 
 
+def _labelled(row: list[int]) -> int:
+    return sum(token != IGNORE_INDEX for token in row)
+
+
 def _collate(features: list[dict[str, Any]], pad_id: int, left: bool) -> dict[str, torch.Tensor]:
     ids = [f["input_ids"] for f in features]
     width = max(len(r) for r in ids)
@@ -237,6 +241,14 @@ class CausalCollator:
         batch["prompt_mask"] = _pad([f["prompt_mask"] for f in features], 0, width, left=True)
         return batch
 
+    @staticmethod
+    def loss_tokens(labels: list[list[int]]) -> int:
+        """The tokens a causal LM's loss averages over in the batch of these label rows: the labelled ones,
+        except in column 0, which the loss's shift leaves without a prediction (a row fills it only when
+        it is the longest and its first token is labelled)."""
+        width = max(len(row) for row in labels)
+        return sum(_labelled(row) - (len(row) == width and row[0] != IGNORE_INDEX) for row in labels)
+
 
 class Seq2SeqCollator:
     """Pads on the right: input_ids, attention_mask, prompt_mask (= attention_mask of the source),
@@ -249,3 +261,8 @@ class Seq2SeqCollator:
         batch = _collate(features, self.pad_id, left=False)
         batch["prompt_mask"] = batch["attention_mask"].clone()
         return batch
+
+    @staticmethod
+    def loss_tokens(labels: list[list[int]]) -> int:
+        """The tokens an encoder-decoder's loss averages over in the batch of these label rows."""
+        return sum(_labelled(row) for row in labels)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 from datasets import Dataset
@@ -30,7 +30,15 @@ class TaskRows:
     examples: Dataset
     """The untokenised examples (id, prompt, references, ...), same order as `rows`."""
     rows: Dataset
-    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+    collate: CausalCollator | Seq2SeqCollator
+
+    def loss_tokens(self, indices: list[int]) -> int:
+        """How many tokens the model's loss averages over in the batch of the rows at `indices`."""
+        return self.collate.loss_tokens([self._labels[i] for i in indices])
+
+    @cached_property
+    def _labels(self) -> list[list[int]]:
+        return self.rows["labels"]
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Collate the rows at `indices` into model inputs on the accelerator this rank uses."""
