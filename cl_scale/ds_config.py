@@ -68,7 +68,7 @@ def build_ds_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
     ZeRO-3's `memory_efficient_linear: "auto"` depends on the world: DeepSpeed's replacement for torch's
     linear keeps only a weight's partition between forward and backward, where torch's autograd keeps
     the gathered weight. That saves memory only where a gather allocates (`gathers_in_place`); at a
-    world of one it costs 5% of a step and saves nothing (SmolLM2-135M: docs/PERFORMANCE.md, section 6).
+    world of one it costs 2-6% of a step and saves nothing (SmolLM2-135M: docs/PERFORMANCE.md, section 6).
     """
     path = recipe.deepspeed.config_path()
     raw = merge(read_json(path, fix="fix the JSON syntax of the DeepSpeed config"), dict(recipe.deepspeed.overrides))

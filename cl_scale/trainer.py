@@ -421,12 +421,13 @@ def token_weights(rows: TaskRows, step: list[list[int]]) -> list[float]:
     times their count). So a step's loss does not depend on how its global batch is split into micro-
     batches and ranks, every token weighs the same, and per_device_batch is only a memory knob."""
     counts = [rows.loss_tokens(micro) for micro in step]
-    if sum(counts) == 0:
+    total = sum(counts)
+    if total == 0:
         raise CLScaleError(
             "a global batch of the task has no answer tokens to train on (every answer truncated away?)",
             "raise data.max_target_length, or check the task's targets with cl-scale data check",
         )
-    return [count * len(step) / sum(counts) for count in counts]
+    return [count * len(step) / total for count in counts]
 
 
 def _progress_fields(record: dict[str, Any], session: Session, index: int, bar: Bar) -> dict[str, Any]:

@@ -12,13 +12,12 @@ import pytest
 
 from cl_scale.ds_config import build_ds_config
 from cl_scale.errors import CLScaleError
-from cl_scale.recipe import Recipe, load_recipe
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+from cl_scale.recipe import Recipe
+from tests.trainer_helpers import shipped
 
 
 def recipe(tmp_path: Path, *overrides: str) -> Recipe:
-    return load_recipe(RECIPES / "llama7b_order1.yaml", [f"data.root={tmp_path / 'absent'}", *overrides])
+    return shipped("llama7b_order1", tmp_path, *overrides)
 
 
 def deepspeeds_linear(config: dict) -> bool:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from cl_scale.cli import app
 from cl_scale.plan import GIB, Plan, launch_command, make_plan
 from cl_scale.recipe import Recipe, load_recipe
+from tests.trainer_helpers import shipped
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
@@ -26,11 +27,6 @@ GATE_T5 = 100 * 1024 + 1024 * 100 + 1024  # 205,824
 # Llama-2-7B: untied embedding and LM head; per layer q, k, v, o (4096 x 4096, no GQA), gate/up/down
 # (4096 x 11008) and two RMSNorms; a final RMSNorm.
 BASE_7B = 2 * 32000 * 4096 + 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096) + 4096
-
-
-def shipped(name: str, tmp_path: Path, *overrides: str) -> Recipe:
-    """A shipped recipe with its data root pointed at an empty place, so only the model is planned."""
-    return load_recipe(RECIPES / f"{name}.yaml", [f"data.root={tmp_path / 'absent'}", *overrides])
 
 
 def plan_of(recipe: Recipe, gpus: int = 1, nodes: int = 1) -> Plan:

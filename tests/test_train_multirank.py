@@ -74,8 +74,9 @@ def test_stage_snapshots_agree_between_one_and_two_ranks(worlds, method: str) ->
 
 def test_the_global_batch_split_differently_over_ranks_and_micro_batches_trains_the_same(worlds) -> None:
     """1 rank with micro-batches of 8 and 2 ranks with micro-batches of 4: every loss token weighs the same
-    (trainer.token_weights), so per_device_batch changes memory, not results. Before the weighting the
-    two differed by 1.5e-2 in a snapshot entry (micro-batch means of unequal answer lengths)."""
+    (trainer.token_weights), so per_device_batch changes memory, not results. Before the weighting one rank
+    with micro-batches of 8 and of 4 differed by 1.5e-2 and 2.4e-2 in a snapshot entry after stages 1 and
+    2 (micro-batch means of unequal answer lengths)."""
     for stage in STAGES:
         one = load_file(str(worlds[1][WHOLE] / "stages" / stage / "snapshot.safetensors"))
         two = load_file(str(worlds[2]["inclora"] / "stages" / stage / "snapshot.safetensors"))

@@ -27,11 +27,16 @@ TORCH_LINEAR = torch._C._nn.linear
 RELEASED = {"stage3_param_persistence_threshold": 0}
 
 
-def one_step(tmp_path: Path, model_dir: Path, zero: dict, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+def one_step(tmp_path: Path, model_dir: Path, zero: dict) -> dict[str, object]:
     """Load the base under ZeRO-3 (world of one) and train one step; what became of the linear, and of a
     base weight (k_proj of the first block) while its block computed and after the step. torch's linear
     is put back afterwards (DeepSpeed's replacement outlives its engine)."""
-    monkeypatch.setattr(torch.nn.functional, "linear", TORCH_LINEAR)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "linear", TORCH_LINEAR)
+        return _one_step(tmp_path, model_dir, zero)
+
+
+def _one_step(tmp_path: Path, model_dir: Path, zero: dict) -> dict[str, object]:
     path = write_recipe(tmp_path / "recipe.yaml", model_dir, method={"name": "inclora", "rank": 4},
                         deepspeed={"config": "ds_configs/zero3.json", "overrides": {"zero_optimization": zero}})
     recipe = load_recipe(path, [])
@@ -59,19 +64,25 @@ def one_step(tmp_path: Path, model_dir: Path, zero: dict, monkeypatch: pytest.Mo
     return out
 
 
-def test_a_world_of_one_keeps_torchs_linear(tmp_path, tiny_llama_dir, monkeypatch) -> None:
-    assert one_step(tmp_path, tiny_llama_dir, RELEASED, monkeypatch)["torch_linear"]
+@pytest.fixture(scope="module")
+def released(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> dict[str, object]:
+    """One step with the trainer's world-of-one config, every base weight released after use."""
+    return one_step(tmp_path_factory.mktemp("released"), tiny_llama_dir, RELEASED)
 
 
-def test_deepspeeds_linear_when_the_recipe_asks_for_it(tmp_path, tiny_llama_dir, monkeypatch) -> None:
+def test_a_world_of_one_keeps_torchs_linear(released) -> None:
+    assert released["torch_linear"]
+
+
+def test_deepspeeds_linear_when_the_recipe_asks_for_it(tmp_path, tiny_llama_dir) -> None:
     """The reference the test above is told apart from: the same load, DeepSpeed's linear asked for."""
-    asked = one_step(tmp_path, tiny_llama_dir, {**RELEASED, "memory_efficient_linear": True}, monkeypatch)
+    asked = one_step(tmp_path, tiny_llama_dir, {**RELEASED, "memory_efficient_linear": True})
     assert not asked["torch_linear"]
 
 
-def test_a_gathered_weight_is_its_partitions_own_storage(tmp_path, tiny_llama_dir, monkeypatch) -> None:
+def test_a_gathered_weight_is_its_partitions_own_storage(released) -> None:
     """What torch's autograd keeps of a weight for the backward is then the partition, kept anyway: the
     weight computed from the partition's storage, and was released after the step (not kept whole)."""
-    result = one_step(tmp_path, tiny_llama_dir, RELEASED, monkeypatch)
+    result = released
     assert result["seen"] and all(weight == partition != 0 for weight, partition in result["seen"])
     assert result["after"] == ZeroParamStatus.NOT_AVAILABLE

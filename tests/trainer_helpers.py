@@ -18,10 +18,16 @@ import yaml
 from safetensors.torch import load_file
 
 from cl_scale.distributed import DEEPSPEED_SHM_PREFIX, STRICT_ENV
+from cl_scale.recipe import Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "tests" / "multirank" / "train_recipes.py"
 CL_SCALE = Path(sys.executable).parent / "cl-scale"
+
+
+def shipped(name: str, tmp_path: Path, *overrides: str) -> Recipe:
+    """A shipped recipe with its data root pointed at an empty place, so only the model is read."""
+    return load_recipe(REPO / "recipes" / f"{name}.yaml", [f"data.root={tmp_path / 'absent'}", *overrides])
 
 
 def write_recipe(path: Path, model_dir: Path, **sections: dict[str, Any]) -> Path:
