@@ -1,6 +1,7 @@
 """ZeRO-3 at the Llama-2-7B shape: build, two GainLoRA tasks, training steps, one snapshot.
 
     deepspeed --num_gpus 2 bench/zero3_7b_shape.py [--json result.json] [--before-task] [--gradient-checkpointing]
+    deepspeed --num_gpus 2 bench/zero3_7b_shape.py --every-module ...   # without block leaves: what they cost
     python bench/zero3_7b_shape.py --reuse-distance 1e9 --before-task      # one GPU, shipped reuse distance
 
 Runs on whatever accelerator DeepSpeed finds: CPU ranks (gloo) on a machine without a GPU, one rank
@@ -201,7 +202,8 @@ def build(args: argparse.Namespace, phases: Phases) -> Stage:
     method.load_state_tensors(end_of_task0_state(model))
     trainable = method.trainable_parameters(1)
     optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
-    dist_utils.zero3_block_leaves(model)  # as distributed.deepspeed_engine does before every ZeRO-3 engine
+    if not args.every_module:
+        dist_utils.zero3_block_leaves(model)  # as distributed.deepspeed_engine does before every ZeRO-3 engine
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     batch = {k: v.to(dist_utils.accelerator_device()) for k, v in short_batch(args.tokens, dist_utils.rank()).items()}
     runner = StageRunner(1, 2, ZeroAccess(), engine, [batch])
@@ -224,6 +226,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--before-task", action="store_true", help="also run the method's before_task")
     parser.add_argument(
         "--gradient-checkpointing", action="store_true", help="train.gradient_checkpointing=true (as the trainer applies it)"
+    )
+    parser.add_argument(
+        "--every-module", action="store_true",
+        help="no block leaves: ZeRO-3 hooks and gathers module by module (what the leaves cost in memory)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here (rank 0)")
     args = parser.parse_args(argv)

@@ -1,13 +1,14 @@
 """Llama-2-7B shape under ZeRO-3 on 2 CPU ranks (opt-in: `make test-scale`, marker `scale`).
 
 Runs `bench/zero3_7b_shape.py` (random bf16 weights, no download) and checks what a 7B run relies on:
-the base really is partitioned (each rank's peak resident memory below 60% of one full bf16 copy),
+the base really is partitioned (each rank's peak resident memory within its half of the base, one
+decoder block gathered whole with gloo's staging copy of it, and the runtime: 63% of one full bf16 copy),
 exactly task 1's branches and gate train, the update projection keeps gate 1's update outside the old
 subspaces, and every rank reads the same stage snapshot. About 5 minutes and 18 GB of memory.
 
 It trains with gradient checkpointing (`train.gradient_checkpointing`): without it the 32 layers'
-activations for the backward, on top of gloo's full-size staging buffer for the 32000 x 4096
-embedding and output-layer gathers, put the peak at 61% of the full copy (docs/PERFORMANCE.md).
+activations for the backward, on top of gloo's full-size staging buffers for the gathers, put the peak
+at 63.4% of the full copy, at the bound (docs/PERFORMANCE.md, section 3).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ SCRIPT = REPO / "bench" / "zero3_7b_shape.py"
 NEEDED_MEMORY_GB = 18
 HIDDEN, LAYERS, RANK, GATE_HIDDEN = 4096, 32, 8, 100
 TRAINING_PHASES = ("build", "initialize", "step_1", "step_2", "snapshot")
+LAYER_PARAMETERS = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * 11008 + 2 * HIDDEN
+"""One decoder layer: attention, MLP (intermediate 11008), two norms."""
+RUNTIME_BYTES = 1.0e9
+"""What a rank holds besides the base and the gathered block: interpreter, libraries, model code and the
+optimizer's state (0.60 GB at rest), activations and the heap glibc keeps after a step (docs/PERFORMANCE.md)."""
 
 
 def _available_gb() -> float:
@@ -60,16 +66,21 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_base_is_partitioned(result: dict) -> None:
-    limit = 0.6 * result["full_bf16_copy_bytes"]
+    """A rank's peak is its share of the base, plus one decoder block gathered whole (ZeRO-3 fetches a
+    block in one gather, `distributed.zero3_block_leaves`) and gloo's staging copy of it, plus the runtime:
+    far below the full copy a rank without partitioning would hold."""
+    full = result["full_bf16_copy_bytes"]
+    block = 2 * LAYER_PARAMETERS  # bf16
+    limit = full / result["world_size"] + 2 * block + RUNTIME_BYTES
+    assert limit < 0.65 * full  # the bound can only pass a partitioned base
     for index, rank in enumerate(result["ranks"]):
         peaks = {phase: rank["peak_rss_bytes"][phase] for phase in TRAINING_PHASES}
         assert max(peaks.values()) < limit, f"rank {index} peak resident memory by phase: {peaks}, limit {limit:.3g}"
 
 
 def test_base_is_the_llama_2_7b_architecture(result: dict) -> None:
-    vocab, intermediate = 32000, 11008
-    per_layer = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * intermediate + 2 * HIDDEN  # attention, MLP, two norms
-    assert result["base_parameters"] == 2 * vocab * HIDDEN + LAYERS * per_layer + HIDDEN  # embedding, head, final norm
+    vocab = 32000
+    assert result["base_parameters"] == 2 * vocab * HIDDEN + LAYERS * LAYER_PARAMETERS + HIDDEN  # embedding, head, final norm
     assert result["full_bf16_copy_bytes"] == 2 * result["base_parameters"]
 
 
