@@ -14,10 +14,14 @@ collective, so a rank with one batch fewer would hang the others), sizes differi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 
 from cl_scale.errors import CLScaleError
+
+T = TypeVar("T")
 
 
 def step_micro_batches(
@@ -45,6 +49,12 @@ def step_micro_batches(
     ]
 
 
+def rank_share(step: Sequence[T], world_size: int, rank: int) -> list[T]:
+    """What `rank` runs of one step's micro-batches (or of values paired with them), in order: micro-batch
+    `a * world_size + rank` is its `a`-th accumulation step."""
+    return list(step[rank::world_size])
+
+
 def training_batches(
     num_examples: int,
     *,
@@ -58,7 +68,7 @@ def training_batches(
     """The micro-batches (example indices) `rank` trains on in `epoch`, in order."""
     steps = step_micro_batches(num_examples, global_batch=global_batch, per_device_batch=per_device_batch,
                                epoch=epoch, seed=seed)
-    return [micro for step in steps for micro in step[rank::world_size]]
+    return [micro for step in steps for micro in rank_share(step, world_size, rank)]
 
 
 def even_shards(num_examples: int, *, batch_size: int, world_size: int, rank: int) -> list[list[int]]:

@@ -44,7 +44,7 @@ from cl_scale.plan import task_steps
 from cl_scale.progress import Bar, ReportedBatches, Reporter, format_duration
 from cl_scale.recipe import diff_recipes, recipe_to_dict, recipe_to_yaml
 from cl_scale.rundir import METHOD_STATE, SNAPSHOT, TRAIN_LOG
-from cl_scale.sharding import even_shards, step_micro_batches
+from cl_scale.sharding import even_shards, rank_share, step_micro_batches
 from cl_scale.stage_results import run_matrix, write_stage_results
 from cl_scale.stage_runner import ShardBatches, StageRunner
 from cl_scale.tracking import Tracker, engine_config, open_tracker, require_monitor_packages
@@ -365,7 +365,7 @@ def _train_epochs(
     micro_batches = [
         (e, indices, weight)
         for e, plan in enumerate(plans) for step in plan
-        for indices, weight in list(zip(step, token_weights(train_rows, step), strict=True))[rank::world]
+        for indices, weight in rank_share(list(zip(step, token_weights(train_rows, step), strict=True)), world, rank)
     ][len(log) * accumulation:]
     every = recipe.train.checkpoint_every_steps
     engine.train()

@@ -8,7 +8,7 @@ subspaces, and every rank reads the same stage snapshot. About 5 minutes and 18 
 
 It trains with gradient checkpointing (`train.gradient_checkpointing`): without it the 32 layers'
 activations for the backward, on top of gloo's full-size staging buffers for the gathers, put the peak
-at 63.4% of the full copy, at the bound (docs/PERFORMANCE.md, section 3).
+at 63.3-63.4% of the full copy, at the bound (docs/PERFORMANCE.md, section 3).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def test_base_is_partitioned(result: dict) -> None:
     full = result["full_bf16_copy_bytes"]
     block = 2 * LAYER_PARAMETERS  # bf16
     limit = full / result["world_size"] + 2 * block + RUNTIME_BYTES
-    assert limit < 0.65 * full  # the bound can only pass a partitioned base
+    assert limit < 0.65 * full, "with fewer ranks this bound would no longer tell a partitioned base from a whole one"
     for index, rank in enumerate(result["ranks"]):
         peaks = {phase: rank["peak_rss_bytes"][phase] for phase in TRAINING_PHASES}
         assert max(peaks.values()) < limit, f"rank {index} peak resident memory by phase: {peaks}, limit {limit:.3g}"
@@ -80,7 +80,8 @@ def test_base_is_partitioned(result: dict) -> None:
 
 def test_base_is_the_llama_2_7b_architecture(result: dict) -> None:
     vocab = 32000
-    assert result["base_parameters"] == 2 * vocab * HIDDEN + LAYERS * LAYER_PARAMETERS + HIDDEN  # embedding, head, final norm
+    # embedding, output layer, the decoder layers, final norm
+    assert result["base_parameters"] == 2 * vocab * HIDDEN + LAYERS * LAYER_PARAMETERS + HIDDEN
     assert result["full_bf16_copy_bytes"] == 2 * result["base_parameters"]
 
 
